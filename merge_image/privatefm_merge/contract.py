@@ -1,0 +1,190 @@
+"""The merge pod's contract with the operator: environment in, termination message out.
+
+This module is the single place that contract is defined. It is imported by the operator (no
+torch there), so it must stay free of heavy imports.
+
+Inputs (environment of the ``privatefm-merge pod`` container):
+
+=============================  ==========================================================
+``PRIVATEFM_BASE_URI``         base checkpoint, ``s3://bucket/prefix`` or a local dir
+``PRIVATEFM_ADAPTER_URI``      PEFT adapter, ``s3://…`` or a local dir
+``PRIVATEFM_OUTPUT_URI``       checkpoint to create, ``s3://…`` or a local dir
+``PRIVATEFM_BASE_MODEL``       base model name
+``PRIVATEFM_BASE_VERSION``     base model version (int)
+``PRIVATEFM_PARENT_VERSION``   previous checkpoint version (int), or empty for none
+``PRIVATEFM_TARGET_VERSION``   version this merge creates (int)
+``PRIVATEFM_DEVICE``           ``auto`` (default), ``cpu`` or ``cuda``
+``PRIVATEFM_RESULT_PATH``      where the result JSON goes; default ``/dev/termination-log``
+``AWS_ENDPOINT_URL`` …         S3 connection, read by boto3 (path-style addressing is used)
+=============================  ==========================================================
+
+Output: a :class:`MergeResult` as JSON (camelCase keys, < 4096 bytes) at the result path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
+
+ENV_BASE_URI = "PRIVATEFM_BASE_URI"
+ENV_ADAPTER_URI = "PRIVATEFM_ADAPTER_URI"
+ENV_OUTPUT_URI = "PRIVATEFM_OUTPUT_URI"
+ENV_BASE_MODEL = "PRIVATEFM_BASE_MODEL"
+ENV_BASE_VERSION = "PRIVATEFM_BASE_VERSION"
+ENV_PARENT_VERSION = "PRIVATEFM_PARENT_VERSION"
+ENV_TARGET_VERSION = "PRIVATEFM_TARGET_VERSION"
+ENV_DEVICE = "PRIVATEFM_DEVICE"
+ENV_RESULT_PATH = "PRIVATEFM_RESULT_PATH"
+
+# S3 connection: the standard variables boto3 reads itself.
+ENV_S3_ENDPOINT = "AWS_ENDPOINT_URL"
+ENV_S3_ACCESS_KEY = "AWS_ACCESS_KEY_ID"
+ENV_S3_SECRET_KEY = "AWS_SECRET_ACCESS_KEY"
+ENV_S3_REGION = "AWS_REGION"
+DEFAULT_S3_REGION = "us-east-1"
+
+DEFAULT_RESULT_PATH = "/dev/termination-log"
+DEVICES = ("auto", "cpu", "cuda")
+# Kubernetes keeps at most 4096 bytes of a termination message.
+MAX_RESULT_BYTES = 4096
+
+# The container command the operator's Job runs.
+POD_COMMAND = ("privatefm-merge", "pod")
+
+
+class Reason(StrEnum):
+    """Why a merge failed (``MergeResult.reason``)."""
+
+    CONFIG_INVALID = "ConfigInvalid"  # the job's environment is incomplete or malformed
+    ADAPTER_INVALID = "AdapterInvalid"  # unsupported or malformed adapter
+    BASE_INVALID = "BaseInvalid"  # base checkpoint missing or malformed
+    SHAPE_MISMATCH = "ShapeMismatch"  # adapter tensors do not fit the base tensors
+    NON_FINITE_RESULT = "NonFiniteResult"  # NaN or Inf in a merged tensor
+    OUTPUT_FORBIDDEN = "OutputForbidden"  # output under base/, or equal to an input
+    OUTPUT_EXISTS = "OutputExists"  # a different checkpoint is already committed there
+    STORAGE_ERROR = "StorageError"  # reading or writing the store failed
+    VERIFICATION_FAILED = "VerificationFailed"  # written files do not match what was hashed
+    INTERNAL_ERROR = "InternalError"  # a bug
+
+
+def _required(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name, "").strip()
+    if not value:
+        raise ValueError(f"environment variable {name} is required but missing or empty")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, *, optional: bool = False) -> int | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        if optional:
+            return None
+        raise ValueError(f"environment variable {name} is required but missing or empty")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"environment variable {name} must be >= 0, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class MergeJob:
+    """One merge, as the operator's Job describes it through the environment."""
+
+    base_uri: str
+    adapter_uri: str
+    output_uri: str
+    base_model: str
+    base_version: int
+    parent_version: int | None
+    target_version: int
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"{ENV_DEVICE} must be one of {', '.join(DEVICES)}, got {self.device!r}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> MergeJob:
+        """Parse the job; raises ``ValueError`` naming the missing or malformed variable."""
+        base_version = _int(env, ENV_BASE_VERSION)
+        target_version = _int(env, ENV_TARGET_VERSION)
+        assert base_version is not None and target_version is not None
+        return cls(
+            base_uri=_required(env, ENV_BASE_URI),
+            adapter_uri=_required(env, ENV_ADAPTER_URI),
+            output_uri=_required(env, ENV_OUTPUT_URI),
+            base_model=_required(env, ENV_BASE_MODEL),
+            base_version=base_version,
+            parent_version=_int(env, ENV_PARENT_VERSION, optional=True),
+            target_version=target_version,
+            device=env.get(ENV_DEVICE, "").strip() or "auto",
+        )
+
+    def to_env(self) -> dict[str, str]:
+        return {
+            ENV_BASE_URI: self.base_uri,
+            ENV_ADAPTER_URI: self.adapter_uri,
+            ENV_OUTPUT_URI: self.output_uri,
+            ENV_BASE_MODEL: self.base_model,
+            ENV_BASE_VERSION: str(self.base_version),
+            ENV_PARENT_VERSION: "" if self.parent_version is None else str(self.parent_version),
+            ENV_TARGET_VERSION: str(self.target_version),
+            ENV_DEVICE: self.device,
+        }
+
+    def replace(self, **changes: Any) -> MergeJob:
+        return dataclasses.replace(self, **changes)
+
+
+def result_path_from_env(env: Mapping[str, str]) -> str:
+    return env.get(ENV_RESULT_PATH, "").strip() or DEFAULT_RESULT_PATH
+
+
+class MergeResult(BaseModel):
+    """What a merge pod reports in its termination message (JSON, camelCase keys)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True)
+
+    status: Literal["Succeeded", "Failed"]
+    version: int | None = None
+    output_uri: str | None = None
+    manifest_sha256: str | None = None
+    total_bytes: int | None = None
+    file_count: int | None = None
+    duration_seconds: float = 0.0
+    reason: str | None = None
+    message: str = ""
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == "Succeeded"
+
+    def to_json(self) -> str:
+        """Compact JSON that always fits ``MAX_RESULT_BYTES``; an overlong message is truncated."""
+        text = self.model_dump_json(by_alias=True)
+        if len(text.encode()) <= MAX_RESULT_BYTES:
+            return text
+        message = self.message
+        overflow = len(text.encode()) - MAX_RESULT_BYTES
+        # Cut by bytes (JSON escaping can make characters longer), with a visible marker.
+        budget = max(0, len(json.dumps(message).encode()) - overflow - 64)
+        while True:
+            cut = message.encode()[:budget].decode(errors="ignore") + " …[truncated]"
+            text = self.model_copy(update={"message": cut}).model_dump_json(by_alias=True)
+            if len(text.encode()) <= MAX_RESULT_BYTES or budget == 0:
+                return text
+            budget = max(0, budget - 256)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> MergeResult:
+        return cls.model_validate_json(text)

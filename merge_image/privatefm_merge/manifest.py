@@ -1,0 +1,169 @@
+"""``manifest.json``: the commit point of a checkpoint, and pure checks on it.
+
+A checkpoint version exists exactly when its ``manifest.json`` exists. The manifest is written
+last and lists every other file of the checkpoint with its size and sha256. A merged checkpoint's
+manifest also names its base and adapter; a base model's own manifest (``privatefm-merge seal``)
+has neither. Torch-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
+
+from privatefm_merge.layout import MANIFEST_NAME
+
+FORMAT_VERSION = 1
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class FileEntry(_Model):
+    name: str
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        parts = name.split("/")
+        if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"unsafe file name {name!r}")
+        if name == MANIFEST_NAME:
+            raise ValueError("the manifest cannot list itself")
+        return name
+
+
+class ToolInfo(_Model):
+    name: str
+    version: str
+
+
+class BaseInfo(_Model):
+    uri: str
+    model: str | None = None
+    version: int | None = None
+    manifest_sha256: str | None = None  # of the base's own manifest.json, when it has one
+
+
+class AdapterConfigSummary(_Model):
+    peft_type: str
+    r: int
+    lora_alpha: float
+    use_rslora: bool = False
+    use_dora: bool = False
+    fan_in_fan_out: bool = False
+    target_modules: list[str] | str | None = None
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+
+
+class AdapterInfo(_Model):
+    uri: str
+    files: list[FileEntry]
+    config: AdapterConfigSummary
+
+
+class Manifest(_Model):
+    format_version: Literal[1] = 1
+    tool: ToolInfo
+    created_at: str
+    version: int | None = None
+    parent_version: int | None = None
+    base: BaseInfo | None = None  # None for a base model's own manifest
+    adapter: AdapterInfo | None = None  # None for a base model's own manifest
+    files: list[FileEntry]
+
+    @field_validator("files")
+    @classmethod
+    def _unique(cls, files: list[FileEntry]) -> list[FileEntry]:
+        names = [f.name for f in files]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"files listed twice: {duplicates}")
+        return files
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_bytes(self) -> bytes:
+        """The exact bytes written as ``manifest.json`` (stable key order, trailing newline)."""
+        return (self.model_dump_json(by_alias=True, indent=2) + "\n").encode()
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class ManifestInvalid(ValueError):
+    """manifest.json exists but cannot be parsed or validated."""
+
+
+def parse_manifest(data: bytes) -> Manifest:
+    try:
+        return Manifest.model_validate_json(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        count = err.error_count()
+        raise ManifestInvalid(f"invalid manifest.json: {where}: {first['msg']} ({count} errors)") from None
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    name: str
+    reason: Literal["missing", "size", "sha256", "invalid"]
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.detail}"
+
+
+def check_sizes(manifest: Manifest, sizes: Mapping[str, int]) -> list[FileProblem]:
+    """Existence and size of every listed file, given the store's listing (name -> size)."""
+    problems = []
+    for entry in manifest.files:
+        actual = sizes.get(entry.name)
+        if actual is None:
+            problems.append(FileProblem(entry.name, "missing", "missing"))
+        elif actual != entry.size:
+            problems.append(FileProblem(entry.name, "size",
+                                        f"size mismatch: expected {entry.size} bytes, found {actual}"))
+    return problems
+
+
+def check_digest(entry: FileEntry, size: int, sha256: str) -> FileProblem | None:
+    if size != entry.size:
+        return FileProblem(entry.name, "size", f"size mismatch: expected {entry.size} bytes, read {size}")
+    if sha256 != entry.sha256:
+        return FileProblem(entry.name, "sha256", f"sha256 mismatch: expected {entry.sha256}, got {sha256}")
+    return None
+
+
+def summary_from_adapter_config(config: Mapping[str, Any]) -> AdapterConfigSummary:
+    """The manifest's summary of a PEFT ``adapter_config.json``."""
+    target = config.get("target_modules")
+    return AdapterConfigSummary(
+        peft_type=str(config.get("peft_type", "")),
+        r=int(config.get("r", 0)),
+        lora_alpha=float(config.get("lora_alpha", 0)),
+        use_rslora=bool(config.get("use_rslora", False)),
+        use_dora=bool(config.get("use_dora", False)),
+        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
+        target_modules=sorted(target) if isinstance(target, list | set | tuple) else target,
+        rank_pattern=dict(config.get("rank_pattern") or {}),
+        alpha_pattern=dict(config.get("alpha_pattern") or {}),
+    )

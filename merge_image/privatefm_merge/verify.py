@@ -1,0 +1,118 @@
+"""Checkpoint verification: is every file the manifest lists present, the right size, and
+the right sha256? Torch-free, streaming, constant memory (a few read buffers).
+
+The operator calls these from a worker thread with its own boto3 client::
+
+    report = verify_checkpoint("s3://bucket/learners/<nsUid>/checkpoints/v7", s3_client=client)
+    if not report.exists: ...      # no manifest: the version does not exist
+    elif not report.ok: ...        # report.problems names each bad file
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from privatefm_merge.errors import NotFoundError
+from privatefm_merge.layout import MANIFEST_NAME
+from privatefm_merge.manifest import (
+    FileEntry,
+    FileProblem,
+    Manifest,
+    ManifestInvalid,
+    check_digest,
+    check_sizes,
+    parse_manifest,
+    sha256_hex,
+)
+from privatefm_merge.store import Store, open_store, sha256_stream
+
+NO_MANIFEST = "no manifest: version does not exist"
+
+
+class ManifestNotFound(NotFoundError):
+    """The checkpoint has no manifest.json: that version does not exist."""
+
+
+@dataclass
+class VerifyReport:
+    uri: str
+    exists: bool  # False: no manifest.json, so the version does not exist
+    ok: bool
+    message: str
+    manifest: Manifest | None = None
+    manifest_sha256: str | None = None
+    problems: list[FileProblem] = field(default_factory=list)
+    hashed: bool = True  # False when only existence and sizes were checked
+
+    @property
+    def total_bytes(self) -> int:
+        return self.manifest.total_bytes if self.manifest else 0
+
+    @property
+    def file_count(self) -> int:
+        return len(self.manifest.files) if self.manifest else 0
+
+    @property
+    def bad_files(self) -> list[str]:
+        return [p.name for p in self.problems]
+
+
+def read_manifest(uri: str, s3_client: Any = None, *, store: Store | None = None) -> tuple[Manifest, str]:
+    """(manifest, sha256 of the manifest.json bytes). Raises ``ManifestNotFound`` when the
+    version does not exist, ``ManifestInvalid`` when the manifest is malformed, and
+    ``StorageError`` when the store cannot be read."""
+    store = store or open_store(uri, s3_client)
+    try:
+        data = store.read_bytes(MANIFEST_NAME)
+    except NotFoundError:
+        raise ManifestNotFound(f"{uri}: {NO_MANIFEST}") from None
+    return parse_manifest(data), sha256_hex(data)
+
+
+def _hash_one(store: Store, entry: FileEntry) -> FileProblem | None:
+    try:
+        stream = store.open_read(entry.name)
+    except NotFoundError:
+        return FileProblem(entry.name, "missing", "missing")
+    try:
+        size, digest = sha256_stream(stream)
+    finally:
+        stream.close()
+    return check_digest(entry, size, digest)
+
+
+def verify_checkpoint(uri: str, *, s3_client: Any = None, hash_files: bool = True,
+                      workers: int = 4, store: Store | None = None) -> VerifyReport:
+    """Check the checkpoint at ``uri`` against its manifest.
+
+    With ``hash_files=False`` only existence and sizes are checked (one listing, no reads).
+    Storage errors (unreachable store, denied) raise ``StorageError``: they say nothing about
+    the checkpoint itself.
+    """
+    store = store or open_store(uri, s3_client)
+    try:
+        manifest, digest = read_manifest(uri, store=store)
+    except ManifestNotFound:
+        return VerifyReport(uri, exists=False, ok=False, message=NO_MANIFEST)
+    except ManifestInvalid as err:
+        problem = FileProblem(MANIFEST_NAME, "invalid", str(err))
+        return VerifyReport(uri, exists=True, ok=False, message=f"bad file {problem}", problems=[problem])
+
+    sizes = {info.name: info.size for info in store.list_files()}
+    problems = check_sizes(manifest, sizes)
+    if hash_files:
+        bad = {p.name for p in problems}
+        todo = [entry for entry in manifest.files if entry.name not in bad]
+        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="verify") as pool:
+            results = list(pool.map(lambda e: _hash_one(store, e), todo))
+        problems += [p for p in results if p is not None]
+    problems.sort(key=lambda p: p.name)
+    if problems:
+        message = "bad file " + "; bad file ".join(str(p) for p in problems)
+    else:
+        checked = "sha256-verified" if hash_files else "present with the right sizes"
+        message = f"{len(manifest.files)} files ({manifest.total_bytes} bytes) {checked}"
+    return VerifyReport(uri, exists=True, ok=not problems, message=message, manifest=manifest,
+                        manifest_sha256=digest, problems=problems, hashed=hash_files)

@@ -1,0 +1,358 @@
+"""The privatefm.io/v1alpha1 API: the single source of truth for both CRDs.
+
+``crdgen`` turns these models into ``crds/*.yaml``; a test fails when the committed YAML is
+stale. Defaults live here (the operator applies them) and are *not* written into the CRD, so
+the API server never rewrites what GitOps applied. Field rules are patterns, enums and bounds;
+cross-field and update rules are CEL (``x-kubernetes-validations``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic.alias_generators import to_camel
+
+GROUP = "privatefm.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Five whitespace-separated cron fields; CronJob's own macros and TZ= prefixes are not accepted here.
+CRON_5_FIELDS = r"^([0-9*/,?A-Za-z-]+[ \t]+){4}[0-9*/,?A-Za-z-]+$"
+IANA_TIME_ZONE = r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$"
+GO_DURATION = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"
+QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+
+
+def cel(rule: str, message: str, **extra: str) -> dict[str, str]:
+    return {"rule": rule, "message": message, **extra}
+
+
+IMMUTABLE = [cel("self == oldSelf", "is immutable")]
+
+Quantity = Annotated[
+    int | str,
+    WithJsonSchema({"x-kubernetes-int-or-string": True, "pattern": QUANTITY}),
+]
+
+
+class Model(BaseModel):
+    """camelCase on the wire, snake_case in Python; unknown wire fields are ignored on read."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# ---- shared pieces ---------------------------------------------------------------------------
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(Model):
+    """A metav1.Condition: the latest observation of one aspect of the object's state."""
+
+    type: str = Field(description="Type of condition in CamelCase, e.g. Ready.", max_length=316,
+                      pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                              r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$")
+    status: ConditionStatus = Field(description="Status of the condition: True, False or Unknown.")
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The .metadata.generation this condition was computed from.")
+    last_transition_time: datetime = Field(
+        description="When the condition last changed status (not when it was last written).")
+    reason: str = Field(description="Machine-readable CamelCase reason for the last transition.",
+                        max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = Field(default="", max_length=32768, description="Human-readable details.")
+
+
+CONDITIONS_FIELD: dict[str, Any] = {
+    "x-kubernetes-list-type": "map",
+    "x-kubernetes-list-map-keys": ["type"],
+}
+KOPF_STATE: dict[str, Any] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                              "description": "Handler progress kept by the kopf framework. Internal."}
+
+
+class Toleration(Model):
+    """A pod toleration for the merge pods (same meaning as in a PodSpec)."""
+
+    key: str | None = Field(default=None, max_length=316, description="Taint key the toleration applies to.")
+    operator: Literal["Exists", "Equal"] | None = Field(
+        default=None, description="Exists or Equal (default Equal).")
+    value: str | None = Field(default=None, max_length=63, description="Taint value to match with Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to match; empty matches all effects.")
+    toleration_seconds: int | None = Field(
+        default=None, ge=0, description="How long a NoExecute taint is tolerated before eviction.")
+
+
+class Resources(Model):
+    """CPU, memory and ephemeral-storage for the merge container. GPUs are set with merge.gpus."""
+
+    requests: dict[str, Quantity] | None = Field(
+        default=None, description="Minimum resources, e.g. {cpu: '4', memory: 32Gi}.",
+        json_schema_extra={"maxProperties": 8})
+    limits: dict[str, Quantity] | None = Field(
+        default=None, description="Maximum resources, e.g. {memory: 48Gi}.",
+        json_schema_extra={"maxProperties": 8})
+
+
+# ---- LearnerNamespace ------------------------------------------------------------------------
+class BaseModelRef(Model):
+    """Which frozen foundation model the learner's copy is built from."""
+
+    name: str = Field(
+        description="Name of the base model in the store (base/<name>/v<k>/). Immutable.",
+        min_length=1, max_length=63, pattern=DNS_LABEL)
+    version: int | None = Field(
+        default=None, ge=1, description="Pin a base version; when unset the latest published version is used.")
+
+
+class GuardianKind(StrEnum):
+    USER = "User"
+    GROUP = "Group"
+
+
+class Guardian(Model):
+    """A Kubernetes user or group allowed to approve deletion of this learner."""
+
+    kind: GuardianKind = Field(description="User or Group.")
+    name: str = Field(min_length=1, max_length=253, description="The username or group name as authenticated.")
+
+
+class MergeSettings(Model):
+    """When and where the nightly merge runs."""
+
+    schedule: str = Field(
+        default="0 2 * * *", pattern=CRON_5_FIELDS, max_length=128,
+        description="Cron schedule with 5 fields (minute hour day-of-month month day-of-week). "
+                    "Default '0 2 * * *'.")
+    time_zone: str | None = Field(
+        default=None, pattern=IANA_TIME_ZONE, max_length=64,
+        description="IANA time zone of the schedule, e.g. Europe/Berlin. Default: the controller's (UTC).")
+    suspend: bool = Field(default=False, description="Stop scheduling new nightly merges. Manual merges still run.")
+    gpus: int = Field(default=1, ge=0, le=8, description="nvidia.com/gpu per merge pod. Default 1; 0 merges on CPU.")
+    resources: Resources | None = Field(default=None, description="CPU and memory for the merge pod.")
+    node_selector: dict[str, str] | None = Field(
+        default=None, description="Node labels the merge pod must run on.",
+        json_schema_extra={"maxProperties": 16})
+    tolerations: list[Toleration] | None = Field(
+        default=None, max_length=16, description="Tolerations for the merge pod, e.g. for tainted GPU nodes.")
+
+    model_config: ClassVar[ConfigDict] = ConfigDict(json_schema_extra={"x-kubernetes-validations": [cel(
+        "!has(self.resources) || !has(self.resources.limits) || !('nvidia.com/gpu' in self.resources.limits)",
+        "set GPUs with merge.gpus, not resources.limits", fieldPath=".resources.limits")]})
+
+
+class LearnerNamespaceSpec(Model):
+    """Desired state of one learner's private foundation model."""
+
+    learner_id: str = Field(
+        min_length=1, max_length=40, pattern=DNS_LABEL,
+        description="Stable id of the learner: a DNS label (lower-case letters, digits, '-'), at most 40. "
+                    "Immutable.",
+        json_schema_extra={"x-kubernetes-validations": [cel("self == oldSelf", "learnerId is immutable")]})
+    subjects: list[Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)]] = Field(
+        default_factory=list, max_length=64,
+        description="Subjects the learner studies (DNS labels, unique), e.g. [math, reading].",
+        json_schema_extra={"x-kubernetes-list-type": "set"})
+    base_model: BaseModelRef = Field(
+        description="The frozen base model. Its name is immutable; the pinned version may change.",
+        json_schema_extra={"x-kubernetes-validations": [
+            cel("self.name == oldSelf.name", "baseModel.name is immutable")]})
+    guardians: list[Guardian] = Field(
+        min_length=1, max_length=16,
+        description="Users or groups allowed to approve this learner's deletion (unique by kind and name).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["kind", "name"]})
+    deletion_delay: str = Field(
+        default="24h", pattern=GO_DURATION, max_length=32,
+        description="Go-style duration between guardian approval and deletion, e.g. 24h or 90m. "
+                    "Default 24h; at most 8760h.",
+        json_schema_extra={"x-kubernetes-validations": [
+            cel("duration(self) <= duration('8760h')", "deletionDelay must be at most 8760h")]})
+    merge: MergeSettings | None = Field(default=None, description="Nightly merge settings.")
+
+    def merge_settings(self) -> MergeSettings:
+        return self.merge or MergeSettings()
+
+
+class LearnerPhase(StrEnum):
+    PENDING = "Pending"
+    PROVISIONING = "Provisioning"
+    READY = "Ready"
+    DEGRADED = "Degraded"
+    RECOVERING = "Recovering"
+    AWAITING_GUARDIAN = "AwaitingGuardian"
+    DELETING = "Deleting"
+    FAILED = "Failed"
+
+
+class Checkpoint(Model):
+    """A verified checkpoint in the store."""
+
+    version: int = Field(ge=1, description="Checkpoint version (v<N>), increasing per learner.")
+    uri: str = Field(description="s3:// URI of the checkpoint directory.")
+    manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the checkpoint's manifest.json.")
+    base_version: int = Field(ge=1, description="Base model version the checkpoint was merged from.")
+    adapter_seq: int | None = Field(default=None, ge=0, description="Adapter sequence number that was merged.")
+    size_bytes: int | None = Field(default=None, ge=0, description="Total size of the checkpoint's files.")
+    verified_at: datetime | None = Field(default=None, description="When the operator verified the manifest.")
+
+
+class DeletionStatus(Model):
+    """Progress of a guardian-approved deletion."""
+
+    requested_at: datetime | None = Field(default=None, description="When deletion was requested.")
+    approved_by: str | None = Field(default=None, description="Guardian who approved.")
+    approved_at: datetime | None = Field(default=None, description="When the guardian approved.")
+    not_before: datetime | None = Field(default=None, description="Earliest time the deletion may run.")
+
+
+class LearnerNamespaceStatus(Model):
+    """Observed state, written by the operator."""
+
+    observed_generation: int | None = Field(default=None, description="Generation last reconciled.")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Ready, Reconciling, Stalled (kstatus), Degraded, Recovering.",
+        json_schema_extra=CONDITIONS_FIELD)
+    phase: LearnerPhase | None = Field(default=None, description="Summary phase for humans.")
+    ns_uid: str | None = Field(default=None, description="Stable id the namespace and store prefix derive from.")
+    namespace: str | None = Field(default=None, description="Name of the learner's namespace.")
+    current_checkpoint: Checkpoint | None = Field(default=None, description="The latest verified checkpoint.")
+    last_assigned_version: int | None = Field(
+        default=None, ge=0, description="Highest checkpoint version handed to a merge (versions never repeat).")
+    base_model_latest_version: int | None = Field(default=None, description="Latest published base version.")
+    version_lag: int | None = Field(
+        default=None, description="Latest base version minus the current checkpoint's base version.")
+    deletion: DeletionStatus | None = Field(default=None, description="Guardian deletion progress.")
+    kopf: dict[str, Any] | None = Field(default=None, json_schema_extra=KOPF_STATE)
+
+
+class LearnerNamespace(Model):
+    """A learner's private copy of a foundation model: an isolated namespace, nightly merges, checkpoints."""
+
+    api_version: Literal["privatefm.io/v1alpha1"] = Field(default=API_VERSION, description="privatefm.io/v1alpha1")
+    kind: Literal["LearnerNamespace"] = Field(default="LearnerNamespace", description="LearnerNamespace")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
+    spec: LearnerNamespaceSpec = Field(description="Desired state.")
+    status: LearnerNamespaceStatus | None = Field(default=None, description="Observed state.")
+
+
+# ---- AdapterMerge ----------------------------------------------------------------------------
+class MergeTrigger(StrEnum):
+    SCHEDULED = "Scheduled"
+    MANUAL = "Manual"
+    FALLBACK = "Fallback"
+
+
+class MergePhase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class AdapterMergeSpec(Model):
+    """One merge run. Create one to request an on-demand merge; the spec cannot change afterwards."""
+
+    trigger: MergeTrigger = Field(
+        default=MergeTrigger.MANUAL,
+        description="Why the run exists: Scheduled (the CronJob fired), Manual (a user) or Fallback "
+                    "(the operator recovering). Default Manual.")
+    adapter_seq: int | None = Field(
+        default=None, ge=0, description="Adapter sequence number to merge; default the newest.")
+    base_version: int | None = Field(
+        default=None, ge=1, description="Base model version to merge onto; default the learner's current one.")
+    reason: str | None = Field(default=None, max_length=256, description="Free-text note on why it was requested.")
+
+
+class JobRef(Model):
+    name: str = Field(description="Name of the Job in the learner namespace.")
+    uid: str | None = Field(default=None, description="UID of the Job.")
+
+
+class AdapterMergeStatus(Model):
+    """Observed state of one merge run."""
+
+    observed_generation: int | None = Field(default=None, description="Generation last reconciled.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready, Reconciling, Stalled.",
+                                        json_schema_extra=CONDITIONS_FIELD)
+    phase: MergePhase | None = Field(default=None, description="Pending, Running, Succeeded or Failed.")
+    learner: str | None = Field(default=None, description="The LearnerNamespace this run belongs to.")
+    target_version: int | None = Field(default=None, ge=1, description="Checkpoint version this run writes.")
+    parent_version: int | None = Field(default=None, ge=1, description="Checkpoint that was current at start.")
+    base_version: int | None = Field(default=None, ge=1, description="Base model version merged onto.")
+    adapter_seq: int | None = Field(default=None, ge=0, description="Adapter sequence number merged.")
+    job: JobRef | None = Field(default=None, description="The Job running this merge.")
+    started_at: datetime | None = Field(default=None, description="When the Job started.")
+    completed_at: datetime | None = Field(default=None, description="When the run finished.")
+    duration_seconds: float | None = Field(default=None, description="Merge wall time reported by the pod.")
+    checkpoint: Checkpoint | None = Field(default=None, description="The verified checkpoint this run produced.")
+    reason: str | None = Field(default=None, description="CamelCase reason of the outcome.")
+    message: str | None = Field(default=None, description="Details of the outcome.")
+    kopf: dict[str, Any] | None = Field(default=None, json_schema_extra=KOPF_STATE)
+
+
+class AdapterMerge(Model):
+    """One run that merges a learner's LoRA adapter into the base model, producing a checkpoint."""
+
+    api_version: Literal["privatefm.io/v1alpha1"] = Field(default=API_VERSION, description="privatefm.io/v1alpha1")
+    kind: Literal["AdapterMerge"] = Field(default="AdapterMerge", description="AdapterMerge")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
+    spec: AdapterMergeSpec = Field(
+        default_factory=AdapterMergeSpec, description="What to merge. Immutable.",
+        json_schema_extra={"x-kubernetes-validations": [cel("self == oldSelf", "spec is immutable")]})
+    status: AdapterMergeStatus | None = Field(default=None, description="Observed state.")
+
+
+# ---- CRD metadata the generator needs --------------------------------------------------------
+class CrdInfo(Model):
+    kind: str
+    plural: str
+    singular: str
+    short_names: list[str]
+    scope: Literal["Cluster", "Namespaced"]
+    model: Any
+    printer_columns: list[dict[str, Any]]
+    root_rules: list[dict[str, str]] = Field(default_factory=list)
+
+
+CRDS = [
+    CrdInfo(
+        kind="LearnerNamespace", plural="learnernamespaces", singular="learnernamespace",
+        short_names=["lns"], scope="Cluster", model=LearnerNamespace,
+        printer_columns=[
+            {"name": "Learner", "type": "string", "jsonPath": ".spec.learnerId"},
+            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Checkpoint", "type": "integer", "jsonPath": ".status.currentCheckpoint.version",
+             "description": "Version of the current verified checkpoint"},
+            {"name": "Lag", "type": "integer", "jsonPath": ".status.versionLag",
+             "description": "Base versions the checkpoint is behind"},
+            {"name": "Namespace", "type": "string", "jsonPath": ".status.namespace", "priority": 1},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+        root_rules=[cel("self.metadata.name.size() <= 63", "name must be at most 63 characters",
+                        fieldPath=".metadata.name")],
+    ),
+    CrdInfo(
+        kind="AdapterMerge", plural="adaptermerges", singular="adaptermerge",
+        short_names=["am"], scope="Namespaced", model=AdapterMerge,
+        printer_columns=[
+            {"name": "Trigger", "type": "string", "jsonPath": ".spec.trigger"},
+            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Version", "type": "integer", "jsonPath": ".status.targetVersion"},
+            {"name": "Reason", "type": "string", "jsonPath": ".status.reason"},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+        # The run's Job carries the same name, and Job names are DNS labels.
+        root_rules=[cel("self.metadata.name.size() <= 63 && self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
+                        "name must be a DNS label of at most 63 characters (it names the merge Job)",
+                        fieldPath=".metadata.name")],
+    ),
+]

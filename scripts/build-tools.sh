@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Builds the real control-plane components this project tests against, from their
+# published Go modules, into a cache outside the repo keyed by version. Idempotent:
+# anything already built is reused. Prints the bin directory on its last line.
+#
+#   kube-apiserver, kube-controller-manager, kubectl  k8s.io/kubernetes via a wrapper module
+#   helm                                               go install helm.sh/helm/v3/cmd/helm
+#   versitygw (S3 server)                              go install github.com/versity/versitygw/cmd/versitygw
+#   etcd                                               Debian's etcd-server (3.4.23 supports k8s <= 1.33)
+set -euo pipefail
+
+source "$(dirname "${BASH_SOURCE[0]}")/versions.env"
+
+CACHE="${PRIVATEFM_CACHE:-$HOME/.cache/privatefm}"
+export GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build" GOTOOLCHAIN=local CGO_ENABLED=0
+export GOFLAGS=-mod=mod
+BIN="$CACHE/bin"
+mkdir -p "$BIN"
+log() { echo "[build-tools] $*" >&2; }
+
+k8s_dir="$CACHE/kubernetes-$KUBERNETES_VERSION"
+if [[ ! -x "$k8s_dir/kube-apiserver" || ! -x "$k8s_dir/kube-controller-manager" || ! -x "$k8s_dir/kubectl" ]]; then
+  log "building kubernetes $KUBERNETES_VERSION (kube-apiserver, kube-controller-manager, kubectl)"
+  wrap="$CACHE/src/kubernetes-wrapper-$KUBERNETES_VERSION"
+  rm -rf "$wrap" && mkdir -p "$wrap" && cd "$wrap"
+  minor="${KUBERNETES_VERSION#v1.}"            # 33.13
+  staging_version="v0.$minor"
+  cat > go.mod <<MOD
+module privatefm.local/kubernetes-wrapper
+
+go 1.24
+
+require k8s.io/kubernetes $KUBERNETES_VERSION
+MOD
+  # The authoritative staging list is the replace block of the release's own go.mod.
+  upstream_mod="$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
+  grep -E '^\s*k8s\.io/[a-z0-9-]+ => \./staging/' "$upstream_mod" | awk -v v="$staging_version" \
+    '{ printf "replace %s => %s %s\n", $1, $1, v }' >> go.mod
+  log "pinned $(grep -c '^replace' go.mod) staging modules to $staging_version"
+  major_minor="${KUBERNETES_VERSION#v}"; k_major="${major_minor%%.*}"; rest="${major_minor#*.}"; k_minor="${rest%%.*}"
+  ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$KUBERNETES_VERSION"
+  ldflags+=" -X k8s.io/component-base/version.gitMajor=$k_major -X k8s.io/component-base/version.gitMinor=$k_minor"
+  ldflags+=" -X k8s.io/component-base/version.gitTreeState=clean"
+  ldflags+=" -X k8s.io/client-go/pkg/version.gitVersion=$KUBERNETES_VERSION"
+  mkdir -p "$k8s_dir.tmp"
+  go build -trimpath -ldflags "$ldflags" -o "$k8s_dir.tmp/" \
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl
+  rm -rf "$k8s_dir" && mv "$k8s_dir.tmp" "$k8s_dir"
+fi
+for b in kube-apiserver kube-controller-manager kubectl; do ln -sf "$k8s_dir/$b" "$BIN/$b"; done
+
+go_install() {  # name module@version
+  local name="$1" target="$2" dir="$CACHE/$1-${2##*@}"
+  if [[ ! -x "$dir/$name" ]]; then
+    log "go install $target"
+    GOBIN="$dir" go install -trimpath -ldflags "-s -w" "$target"
+  fi
+  ln -sf "$dir/$name" "$BIN/$name"
+}
+go_install helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+go_install versitygw "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION"
+
+if ! command -v etcd >/dev/null 2>&1; then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    log "installing Debian etcd-server"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null
+    systemctl disable --now etcd >/dev/null 2>&1 || true
+  else
+    log "etcd is missing: install Debian's etcd-server"; exit 1
+  fi
+fi
+ln -sf "$(command -v etcd)" "$BIN/etcd"
+echo "$BIN"

@@ -1,0 +1,8 @@
+"""Shared fixtures for the merge engine tests."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))  # merge_testlib

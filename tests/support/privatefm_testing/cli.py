@@ -1,0 +1,59 @@
+"""``privatefm-cluster``: start, inspect and stop the local control plane and S3 server.
+
+    privatefm-cluster up   [--dir DIR]   start everything; leaves it running, prints how to reach it
+    privatefm-cluster env  [--dir DIR]   print shell exports for KUBECONFIG, PATH and the S3 settings
+    privatefm-cluster down [--dir DIR]   stop every process the cluster started
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+from privatefm_testing.cluster import BIN, ClusterState, LocalCluster, stop_pids
+
+DEFAULT_DIR = Path(".run/cluster")
+
+
+def exports(state: ClusterState) -> str:
+    env = {
+        "KUBECONFIG": state.kubeconfig,
+        "PATH": f"{BIN}:$PATH",
+        "PRIVATEFM_S3_BUCKET": state.s3.bucket,
+        **state.s3.env(),
+    }
+    return "\n".join(f"export {k}={v if k == 'PATH' else shlex.quote(v)}" for k, v in env.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="privatefm-cluster", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["up", "env", "down"])
+    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="state directory (default %(default)s)")
+    parser.add_argument("--fresh", action="store_true", help="up: wipe the state directory first")
+    args = parser.parse_args(argv)
+    directory: Path = args.dir.resolve()
+
+    if args.command == "up":
+        if (directory / "cluster.json").exists():
+            stop_pids(list(ClusterState.load(directory).pids.values()))
+        if args.fresh and directory.exists():
+            shutil.rmtree(directory)
+        state = LocalCluster(directory).start()
+        print(f"control plane: {state.server}  (kubeconfig {state.kubeconfig})", file=sys.stderr)
+        print(f"S3 server:     {state.s3.endpoint}  bucket {state.s3.bucket}", file=sys.stderr)
+        print(f"stop with:     privatefm-cluster down --dir {directory}", file=sys.stderr)
+        print(exports(state))
+    elif args.command == "env":
+        print(exports(ClusterState.load(directory)))
+    else:
+        if (directory / "cluster.json").exists():
+            LocalCluster(directory).stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""A real, local Kubernetes control plane and S3 server on loopback.
+
+Starts etcd, kube-apiserver (RBAC, default admission incl. PodSecurity and
+ValidatingAdmissionPolicy, service-account token signing), kube-controller-manager
+(namespace, garbage-collector, job, cronjob, serviceaccount, resourcequota, ...) and
+versitygw (S3 over a POSIX directory) from the binaries ``scripts/build-tools.sh``
+builds. Every process runs in its own process group and is stopped with the cluster;
+the PIDs are recorded in ``<dir>/cluster.json`` so another shell can stop it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+CACHE = Path(os.environ.get("PRIVATEFM_CACHE", Path.home() / ".cache" / "privatefm"))
+BIN = CACHE / "bin"
+
+CONTROLLERS = (
+    "namespace-controller",
+    "garbage-collector-controller",
+    "job-controller",
+    "cronjob-controller",
+    "serviceaccount-controller",
+    "serviceaccount-token-controller",
+    "resourcequota-controller",
+    "ttl-after-finished-controller",
+    "root-ca-certificate-publisher-controller",
+)
+ADMIN_USER = "privatefm-admin"
+
+
+def ensure_tools() -> Path:
+    """Builds whatever component is missing (cached under ~/.cache) and returns the bin dir."""
+    wanted = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm", "versitygw")
+    if not all((BIN / name).exists() for name in wanted):
+        subprocess.run(["bash", str(REPO_ROOT / "scripts" / "build-tools.sh")], check=True)
+    return BIN
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie has exited; it only waits for its parent to reap it.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@dataclass
+class S3Info:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    bucket: str
+    region: str = "us-east-1"
+
+    def client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.region,
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3}),
+        )
+
+    def env(self) -> dict[str, str]:
+        """The standard variables boto3 (and the merge image) read."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": self.region,
+        }
+
+
+@dataclass
+class ClusterState:
+    """What another process needs to reach (or stop) a running cluster."""
+
+    dir: str
+    server: str
+    token: str
+    kubeconfig: str
+    s3: S3Info
+    pids: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, directory: Path) -> ClusterState:
+        raw = json.loads((directory / "cluster.json").read_text())
+        raw["s3"] = S3Info(**raw["s3"])
+        return cls(**raw)
+
+    def save(self) -> None:
+        Path(self.dir, "cluster.json").write_text(json.dumps(asdict(self), indent=2))
+
+
+class LocalCluster:
+    """etcd + kube-apiserver + kube-controller-manager + versitygw on 127.0.0.1."""
+
+    def __init__(self, directory: Path, bucket: str = "privatefm") -> None:
+        self.dir = directory.resolve()
+        self.bucket = bucket
+        self.bin = BIN
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.state: ClusterState | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self, timeout: float = 120.0) -> ClusterState:
+        ensure_tools()
+        for sub in ("etcd", "pki", "logs", "s3data", "s3meta"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        token = secrets.token_hex(16)
+        (self.dir / "pki" / "tokens.csv").write_text(f'{token},{ADMIN_USER},admin-uid,"system:masters"\n')
+        sa_key = self.dir / "pki" / "sa.key"
+        if not sa_key.exists():
+            subprocess.run(["openssl", "genrsa", "-out", str(sa_key), "2048"], check=True, capture_output=True)
+        try:
+            self._start_etcd()
+            server = self._start_apiserver(sa_key, timeout)
+            kubeconfig = self._write_kubeconfig(server, token)
+            self.state = ClusterState(
+                dir=str(self.dir), server=server, token=token, kubeconfig=str(kubeconfig),
+                s3=self._start_s3(), pids={},
+            )
+            self._wait_apiserver(server, token, timeout)
+            self._start_controller_manager(kubeconfig, sa_key, timeout)
+            self._create_bucket(timeout)
+            self.state.pids = {name: p.pid for name, p in self._procs.items()}
+            self.state.save()
+        except BaseException:
+            self.stop()
+            raise
+        return self.state
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stops every process this cluster started (reverse start order), then reaps them."""
+        pids = {name: p.pid for name, p in self._procs.items()}
+        if not pids and (self.dir / "cluster.json").exists():
+            pids = ClusterState.load(self.dir).pids
+        stop_pids(list(reversed(list(pids.values()))), grace)
+        for proc in self._procs.values():
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=1)
+        self._procs.clear()
+        with contextlib.suppress(FileNotFoundError):
+            (self.dir / "cluster.json").unlink()
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs.values()]
+
+    # ---- components ------------------------------------------------------------------------
+    def _spawn(self, name: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
+        log = open(self.dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen(
+            [str(a) for a in args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, cwd=self.dir,
+        )
+        log.close()
+        self._procs[name] = proc
+        return proc
+
+    def _start_etcd(self) -> None:
+        client, peer = free_port(), free_port()
+        self.etcd_url = f"http://127.0.0.1:{client}"
+        self._spawn("etcd", [
+            self.bin / "etcd", "--name", "privatefm", "--data-dir", self.dir / "etcd",
+            "--listen-client-urls", self.etcd_url, "--advertise-client-urls", self.etcd_url,
+            "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-cluster", f"privatefm=http://127.0.0.1:{peer}",
+            "--log-level", "warn",
+        ])
+
+    def _start_apiserver(self, sa_key: Path, timeout: float) -> str:
+        port = free_port()
+        self._spawn("kube-apiserver", [
+            self.bin / "kube-apiserver",
+            "--etcd-servers", self.etcd_url,
+            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+            "--secure-port", str(port),
+            "--cert-dir", self.dir / "pki" / "apiserver",
+            "--authorization-mode", "RBAC",
+            "--token-auth-file", self.dir / "pki" / "tokens.csv",
+            "--service-cluster-ip-range", "10.96.0.0/16",
+            "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
+            "--service-account-key-file", sa_key,
+            "--service-account-signing-key-file", sa_key,
+            "--allow-privileged=true",
+            "--enable-priority-and-fairness=false",
+            "--storage-media-type", "application/json",
+            "--v", "1",
+        ])
+        return f"https://127.0.0.1:{port}"
+
+    def _wait_apiserver(self, server: str, token: str, timeout: float) -> None:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        req = urllib.request.Request(f"{server}/readyz", headers={"Authorization": f"Bearer {token}"})
+        self._wait("kube-apiserver", lambda: urllib.request.urlopen(req, context=ctx, timeout=2).status == 200,
+                   timeout)
+
+    def _write_kubeconfig(self, server: str, token: str) -> Path:
+        path = self.dir / "admin.kubeconfig"
+        path.write_text(kubeconfig_yaml(server, token, ca_file=None))
+        return path
+
+    def _start_controller_manager(self, kubeconfig: Path, sa_key: Path, timeout: float) -> None:
+        port = free_port()
+        self._spawn("kube-controller-manager", [
+            self.bin / "kube-controller-manager",
+            "--kubeconfig", kubeconfig,
+            "--authentication-kubeconfig", kubeconfig,
+            "--authorization-kubeconfig", kubeconfig,
+            "--leader-elect=false",
+            "--controllers", ",".join(CONTROLLERS),
+            "--bind-address", "127.0.0.1", "--secure-port", str(port),
+            "--service-account-private-key-file", sa_key,
+            "--root-ca-file", self.dir / "pki" / "apiserver" / "apiserver.crt",
+            "--concurrent-cron-job-syncs", "2",
+            "--v", "1",
+        ])
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        url = f"https://127.0.0.1:{port}/healthz"
+        self._wait("kube-controller-manager",
+                   lambda: urllib.request.urlopen(url, context=ctx, timeout=2).status == 200, timeout)
+
+    def _start_s3(self) -> S3Info:
+        port = free_port()
+        access, secret = "privatefm" + secrets.token_hex(4), secrets.token_hex(16)
+        self._spawn("versitygw", [
+            self.bin / "versitygw", "--access", access, "--secret", secret,
+            "--port", f"127.0.0.1:{port}", "--region", "us-east-1",
+            "posix", "--sidecar", self.dir / "s3meta", self.dir / "s3data",
+        ])
+        return S3Info(endpoint=f"http://127.0.0.1:{port}", access_key=access, secret_key=secret,
+                      bucket=self.bucket)
+
+    def _create_bucket(self, timeout: float) -> None:
+        assert self.state is not None
+        client = self.state.s3.client()
+
+        def ready() -> bool:
+            with contextlib.suppress(Exception):
+                client.head_bucket(Bucket=self.bucket)
+                return True
+            client.create_bucket(Bucket=self.bucket)
+            return True
+
+        self._wait("versitygw", ready, timeout)
+
+    def _wait(self, name: str, probe: Any, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while time.monotonic() < deadline:
+            proc = self._procs[name]
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.dir}/logs/{name}.log:\n"
+                                   + tail(self.dir / "logs" / f"{name}.log"))
+            try:
+                if probe():
+                    return
+            except (OSError, urllib.error.URLError, ssl.SSLError) as err:
+                last = err
+            except Exception as err:  # botocore's errors while the server boots
+                last = err
+            time.sleep(0.3)
+        raise TimeoutError(f"{name} not ready after {timeout}s ({last}); log:\n"
+                           + tail(self.dir / "logs" / f"{name}.log"))
+
+
+def stop_pids(pids: Sequence[int], grace: float = 10.0) -> None:
+    """SIGTERM each process group, wait up to ``grace``, then SIGKILL what is left."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        if pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def kubeconfig_yaml(server: str, token: str, ca_file: str | None, user: str | None = None,
+                    groups: Sequence[str] = ()) -> str:
+    """An admin kubeconfig; with ``user`` it impersonates that user (and groups)."""
+    cluster = {"server": server}
+    if ca_file:
+        cluster["certificate-authority"] = ca_file
+    else:
+        cluster["insecure-skip-tls-verify"] = True  # type: ignore[assignment]
+    auth: dict[str, Any] = {"token": token}
+    if user:
+        auth["as"] = user
+        if groups:
+            auth["as-groups"] = list(groups)
+    config = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "privatefm",
+        "clusters": [{"name": "privatefm", "cluster": cluster}],
+        "users": [{"name": user or ADMIN_USER, "user": auth}],
+        "contexts": [{"name": "privatefm", "context": {"cluster": "privatefm", "user": user or ADMIN_USER}}],
+    }
+    return json.dumps(config, indent=2)  # JSON is valid YAML
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+@contextlib.contextmanager
+def running_cluster(directory: Path) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(directory)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
