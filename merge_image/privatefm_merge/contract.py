@@ -115,20 +115,31 @@ class MergeJob:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> MergeJob:
-        """Parse the job; raises ``ValueError`` naming the missing or malformed variable."""
-        base_version = _int(env, ENV_BASE_VERSION)
-        target_version = _int(env, ENV_TARGET_VERSION)
-        assert base_version is not None and target_version is not None
-        return cls(
-            base_uri=_required(env, ENV_BASE_URI),
-            adapter_uri=_required(env, ENV_ADAPTER_URI),
-            output_uri=_required(env, ENV_OUTPUT_URI),
-            base_model=_required(env, ENV_BASE_MODEL),
-            base_version=base_version,
-            parent_version=_int(env, ENV_PARENT_VERSION, optional=True),
-            target_version=target_version,
-            device=env.get(ENV_DEVICE, "").strip() or "auto",
-        )
+        """Parse the job; raises ``ValueError`` naming every missing or malformed variable."""
+        errors: list[str] = []
+
+        def attempt(parse: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return parse(env, *args, **kwargs)
+            except ValueError as err:
+                errors.append(str(err))
+                return None
+
+        values = {
+            "base_uri": attempt(_required, ENV_BASE_URI),
+            "adapter_uri": attempt(_required, ENV_ADAPTER_URI),
+            "output_uri": attempt(_required, ENV_OUTPUT_URI),
+            "base_model": attempt(_required, ENV_BASE_MODEL),
+            "base_version": attempt(_int, ENV_BASE_VERSION),
+            "parent_version": attempt(_int, ENV_PARENT_VERSION, optional=True),
+            "target_version": attempt(_int, ENV_TARGET_VERSION),
+        }
+        device = env.get(ENV_DEVICE, "").strip() or "auto"
+        if device not in DEVICES:
+            errors.append(f"{ENV_DEVICE} must be one of {', '.join(DEVICES)}, got {device!r}")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return cls(device=device, **values)
 
     def to_env(self) -> dict[str, str]:
         return {

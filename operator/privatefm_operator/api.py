@@ -31,8 +31,6 @@ def cel(rule: str, message: str, **extra: str) -> dict[str, str]:
     return {"rule": rule, "message": message, **extra}
 
 
-IMMUTABLE = [cel("self == oldSelf", "is immutable")]
-
 Quantity = Annotated[
     int | str,
     WithJsonSchema({"x-kubernetes-int-or-string": True, "pattern": QUANTITY}),
@@ -109,7 +107,8 @@ class BaseModelRef(Model):
 
     name: str = Field(
         description="Name of the base model in the store (base/<name>/v<k>/). Immutable.",
-        min_length=1, max_length=63, pattern=DNS_LABEL)
+        min_length=1, max_length=63, pattern=DNS_LABEL,
+        json_schema_extra={"x-kubernetes-validations": [cel("self == oldSelf", "baseModel.name is immutable")]})
     version: int | None = Field(
         default=None, ge=1, description="Pin a base version; when unset the latest published version is used.")
 
@@ -163,9 +162,7 @@ class LearnerNamespaceSpec(Model):
         description="Subjects the learner studies (DNS labels, unique), e.g. [math, reading].",
         json_schema_extra={"x-kubernetes-list-type": "set"})
     base_model: BaseModelRef = Field(
-        description="The frozen base model. Its name is immutable; the pinned version may change.",
-        json_schema_extra={"x-kubernetes-validations": [
-            cel("self.name == oldSelf.name", "baseModel.name is immutable")]})
+        description="The frozen base model. Its name is immutable; the pinned version may change.")
     guardians: list[Guardian] = Field(
         min_length=1, max_length=16,
         description="Users or groups allowed to approve this learner's deletion (unique by kind and name).",
@@ -337,8 +334,8 @@ CRDS = [
             {"name": "Namespace", "type": "string", "jsonPath": ".status.namespace", "priority": 1},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
-        root_rules=[cel("self.metadata.name.size() <= 63", "name must be at most 63 characters",
-                        fieldPath=".metadata.name")],
+        root_rules=[cel("self.metadata.name.size() <= 63", "metadata.name must be at most 63 characters "
+                        "(it names the learner's namespace and labels)")],
     ),
     CrdInfo(
         kind="AdapterMerge", plural="adaptermerges", singular="adaptermerge",
@@ -352,7 +349,6 @@ CRDS = [
         ],
         # The run's Job carries the same name, and Job names are DNS labels.
         root_rules=[cel("self.metadata.name.size() <= 63 && self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
-                        "name must be a DNS label of at most 63 characters (it names the merge Job)",
-                        fieldPath=".metadata.name")],
+                        "metadata.name must be a DNS label of at most 63 characters (it names the merge Job)")],
     ),
 ]

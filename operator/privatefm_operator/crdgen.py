@@ -70,7 +70,7 @@ def openapi_schema(info: CrdInfo) -> dict[str, Any]:
     props = schema["properties"]
     props["apiVersion"] = {"type": "string", "description": "APIVersion of this object."}
     props["kind"] = {"type": "string", "description": "Kind of this object."}
-    props["metadata"] = {"type": "object", "description": "Standard object metadata."}
+    props["metadata"] = {"type": "object"}  # the API server allows nothing more here
     schema["required"] = [r for r in schema.get("required", []) if r not in ("apiVersion", "kind", "metadata")]
     schema["description"] = " ".join((info.model.__doc__ or "").split())
     if info.root_rules:

@@ -126,3 +126,13 @@ def test_operator_modules_do_not_import_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={"PYTHONPATH": f"{root / 'merge_image'}:{':'.join(sys.path)}"})
     assert proc.returncode == 0, proc.stderr
+
+
+def test_job_from_env_names_every_problem_at_once() -> None:
+    with pytest.raises(ValueError) as caught:
+        MergeJob.from_env({"PRIVATEFM_BASE_URI": "/x", "PRIVATEFM_TARGET_VERSION": "two"})
+    message = str(caught.value)
+    for name in ("PRIVATEFM_ADAPTER_URI", "PRIVATEFM_OUTPUT_URI", "PRIVATEFM_BASE_MODEL", "PRIVATEFM_BASE_VERSION",
+                 "PRIVATEFM_TARGET_VERSION must be an integer"):
+        assert name in message
+    assert "PRIVATEFM_BASE_URI" not in message and "PRIVATEFM_PARENT_VERSION" not in message

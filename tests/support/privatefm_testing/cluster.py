@@ -147,12 +147,11 @@ class LocalCluster:
         try:
             self._start_etcd()
             server = self._start_apiserver(sa_key, timeout)
-            kubeconfig = self._write_kubeconfig(server, token)
-            self.state = ClusterState(
-                dir=str(self.dir), server=server, token=token, kubeconfig=str(kubeconfig),
-                s3=self._start_s3(), pids={},
-            )
+            s3 = self._start_s3()
             self._wait_apiserver(server, token, timeout)
+            kubeconfig = self._write_kubeconfig(server, token)
+            self.state = ClusterState(dir=str(self.dir), server=server, token=token,
+                                      kubeconfig=str(kubeconfig), s3=s3, pids={})
             self._start_controller_manager(kubeconfig, sa_key, timeout)
             self._create_bucket(timeout)
             self.state.pids = {name: p.pid for name, p in self._procs.items()}
@@ -240,7 +239,8 @@ class LocalCluster:
 
     def _write_kubeconfig(self, server: str, token: str) -> Path:
         path = self.dir / "admin.kubeconfig"
-        path.write_text(kubeconfig_yaml(server, token, ca_file=None))
+        # The API server signs its serving cert with its own CA, written into the cert dir at start.
+        path.write_text(kubeconfig_yaml(server, token, ca_file=str(self.dir / "pki" / "apiserver" / "apiserver.crt")))
         return path
 
     def _start_controller_manager(self, kubeconfig: Path, sa_key: Path, timeout: float) -> None:

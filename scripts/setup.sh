@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Sets up everything the tests and the demo need on a fresh Debian machine:
+#   apt packages (etcd-server, openssl), the pinned Go builds (scripts/build-tools.sh,
+#   cached under ~/.cache/privatefm) and the Python environment (.venv, from requirements.lock).
+# Safe to run again: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log() { echo "[setup] $*" >&2; }
+
+need_apt=()
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+python3 -c "import venv, ensurepip" 2>/dev/null || need_apt+=(python3-venv)
+if ((${#need_apt[@]})); then
+  log "apt-get install ${need_apt[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  # Debian starts an etcd service on install; ours run on private ports with their own data dirs.
+  systemctl disable --now etcd >/dev/null 2>&1 || pkill -x etcd 2>/dev/null || true
+fi
+
+command -v go >/dev/null || { log "Go is required (go 1.24 or newer)"; exit 1; }
+bash scripts/build-tools.sh >/dev/null
+
+stamp=".venv/.privatefm-stamp"
+want="$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+  log "creating the Python environment (.venv)"
+  [[ -x .venv/bin/python ]] || python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check --progress-bar off -c requirements.lock -e ".[merge,test,dev]"
+  echo "$want" > "$stamp"
+fi
+log "ready: tools in ${PRIVATEFM_CACHE:-$HOME/.cache/privatefm}/bin, Python in .venv"

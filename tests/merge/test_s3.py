@@ -1,0 +1,231 @@
+"""The merge engine against the real S3 server (versitygw), through the lead's ``s3`` fixture.
+
+No mocks: objects are really uploaded, multipart uploads really started, and a merge process is
+really killed mid-upload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from merge_testlib import make_adapter, read_tensors, save_base, tiny_llama
+from peft import LoraConfig
+from privatefm_merge.contract import MergeJob, MergeResult
+from privatefm_merge.engine import MergeOptions, merge_checkpoint
+from privatefm_merge.seal import seal_checkpoint
+from privatefm_merge.store import MiB, S3Store, open_store
+from privatefm_merge.verify import NO_MANIFEST, verify_checkpoint
+from safetensors.torch import save_file
+
+pytestmark = pytest.mark.cluster
+
+CLI = str(Path(sys.executable).parent / "privatefm-merge")
+
+
+def s3_env(s3: Any) -> dict[str, str]:
+    return {"AWS_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": s3.access_key,
+            "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_REGION": getattr(s3, "region", "us-east-1")}
+
+
+def upload_dir(client: Any, bucket: str, prefix: str, directory: Path) -> None:
+    for path in sorted(directory.iterdir()):
+        client.upload_file(str(path), bucket, f"{prefix}/{path.name}")
+
+
+def run_cli(s3: Any, args: list[str], env: dict[str, str] | None = None, **kwargs: Any) -> Any:
+    full = {**{k: v for k, v in os.environ.items() if not k.startswith(("PRIVATEFM_", "AWS_"))},
+            **s3_env(s3), **(env or {})}
+    return subprocess.run([CLI, *args], env=full, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+@pytest.fixture
+def prefix(s3: Any, s3_prefix: str) -> Iterator[str]:
+    prefix = s3_prefix.strip("/")
+    yield prefix
+    S3Store(s3.client(), s3.bucket, prefix).delete_prefix()  # objects and unfinished uploads
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny sharded bf16 Llama base, a DoRA adapter, and the local merge of the two."""
+    root = tmp_path_factory.mktemp("s3src")
+    model = tiny_llama(torch.bfloat16)
+    save_base(model, root / "base")
+    make_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                                   use_dora=True), root / "adapter")
+    merge_checkpoint(str(root / "base"), str(root / "adapter"), str(root / "local-out"),
+                     MergeOptions(device="cpu"))
+    return root
+
+
+def test_s3_store_streams_multipart_and_copies_server_side(s3: Any, prefix: str) -> None:
+    client = s3.client()
+    store = S3Store(client, s3.bucket, f"{prefix}/store", part_size=5 * MiB)
+    payload = os.urandom(12 * MiB + 123)  # three parts, the last one short
+    writer = store.open_write("dir/blob.bin")
+    for start in range(0, len(payload), 1_000_000):
+        writer.write(payload[start: start + 1_000_000])
+    assert not store.exists("dir/blob.bin"), "invisible until the multipart upload completes"
+    assert len(store.incomplete_uploads()) == 1
+    digest = writer.commit()
+    assert digest.size == len(payload) and digest.sha256 == hashlib.sha256(payload).hexdigest()
+    assert store.read_range("dir/blob.bin", 5 * MiB - 3, 5 * MiB + 3) == payload[5 * MiB - 3: 5 * MiB + 3]
+    stream = store.open_read("dir/blob.bin")
+    assert stream.read() == payload
+    stream.close()
+    assert store.incomplete_uploads() == []
+
+    aborted = store.open_write("dir/aborted.bin")
+    aborted.write(os.urandom(6 * MiB))
+    aborted.abort()
+    assert not store.exists("dir/aborted.bin") and store.incomplete_uploads() == []
+
+    other = S3Store(client, s3.bucket, f"{prefix}/copy")
+    other.copy_from(store, "dir/blob.bin", "blob-copy.bin")  # CopyObject: no bytes through us
+    assert other.read_bytes("blob-copy.bin") == payload
+    assert [(o.name, o.size) for o in store.list_files()] == [("dir/blob.bin", len(payload))]
+    assert store.delete_prefix() == 1 and store.list_files() == []
+
+
+def test_merge_s3_to_s3_then_verify_and_detect_a_flipped_byte(s3: Any, prefix: str, tiny: Path,
+                                                              tmp_path: Path) -> None:
+    client = s3.client()
+    base_key, adapter_key = f"{prefix}/base/tiny/v1", f"{prefix}/learners/u1/adapters/1"
+    out_key = f"{prefix}/learners/u1/checkpoints/v1"
+    upload_dir(client, s3.bucket, base_key, tiny / "base")
+    upload_dir(client, s3.bucket, adapter_key, tiny / "adapter")
+    seal_checkpoint(f"s3://{s3.bucket}/{base_key}", version=1, s3_client=client)
+
+    job = MergeJob(base_uri=f"s3://{s3.bucket}/{base_key}", adapter_uri=f"s3://{s3.bucket}/{adapter_key}",
+                   output_uri=f"s3://{s3.bucket}/{out_key}", base_model="tiny", base_version=1,
+                   parent_version=None, target_version=1, device="auto")
+    result_path = tmp_path / "result.json"
+    proc = run_cli(s3, ["pod"], env={**job.to_env(), "PRIVATEFM_RESULT_PATH": str(result_path)})
+    assert proc.returncode == 0, proc.stderr
+    result = MergeResult.from_json(result_path.read_text())
+    assert result.status == "Succeeded" and result.output_uri == job.output_uri
+
+    report = verify_checkpoint(job.output_uri, s3_client=client)
+    assert report.ok, report.message
+    assert report.manifest_sha256 == result.manifest_sha256
+    assert report.manifest is not None and report.manifest.base is not None
+    assert report.manifest.base.manifest_sha256 is not None  # the sealed base's manifest is recorded
+    # Byte-identical to the same merge done on local files.
+    local = {p.name: p.read_bytes() for p in (tiny / "local-out").iterdir() if p.name != "manifest.json"}
+    remote = open_store(job.output_uri, client)
+    assert {o.name for o in remote.list_files()} == {*local, "manifest.json"}
+    for name, content in local.items():
+        assert remote.read_bytes(name) == content, name
+
+    # Flip one byte of one object: verify names that file, and only that file.
+    shard = sorted(n for n in local if n.endswith(".safetensors"))[-1]
+    data = bytearray(remote.read_bytes(shard))
+    data[len(data) - 5] ^= 0x40
+    client.put_object(Bucket=s3.bucket, Key=f"{out_key}/{shard}", Body=bytes(data))
+    report = verify_checkpoint(job.output_uri, s3_client=client)
+    assert not report.ok and report.bad_files == [shard] and report.problems[0].reason == "sha256"
+    proc = run_cli(s3, ["verify", job.output_uri])
+    assert proc.returncode == 1 and f"bad file {shard}: sha256 mismatch" in proc.stderr
+
+
+def test_output_under_base_is_refused_on_s3(s3: Any, prefix: str, tiny: Path) -> None:
+    client = s3.client()
+    upload_dir(client, s3.bucket, f"{prefix}/base/tiny/v1", tiny / "base")
+    upload_dir(client, s3.bucket, f"{prefix}/learners/u1/adapters/1", tiny / "adapter")
+    proc = run_cli(s3, ["--base", f"s3://{s3.bucket}/{prefix}/base/tiny/v1",
+                        "--adapter", f"s3://{s3.bucket}/{prefix}/learners/u1/adapters/1",
+                        "--output", f"s3://{s3.bucket}/{prefix}/base/tiny/v2"])
+    assert proc.returncode == 1 and json.loads(proc.stdout)["reason"] == "OutputForbidden"
+    assert open_store(f"s3://{s3.bucket}/{prefix}/base/tiny/v2", client).list_files() == []
+
+
+def _big_base(directory: Path) -> None:
+    """~96 MiB of Llama-named float32 tensors in two shards, and a LoRA on all of them."""
+    directory.mkdir()
+    adapter = directory / "adapter"
+    adapter.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    lora: dict[str, torch.Tensor] = {}
+    weight_map = {}
+    for shard in (1, 2):
+        tensors = {}
+        for layer in range(3):
+            name = f"model.layers.{(shard - 1) * 3 + layer}.mlp.up_proj"
+            tensors[f"{name}.weight"] = torch.randn(2048, 2048, generator=gen)
+            lora[f"base_model.model.{name}.lora_A.weight"] = torch.randn(8, 2048, generator=gen) * 0.01
+            lora[f"base_model.model.{name}.lora_B.weight"] = torch.randn(2048, 8, generator=gen) * 0.01
+        file = f"model-0000{shard}-of-00002.safetensors"
+        save_file(tensors, str(directory / file))
+        weight_map.update({k: file for k in tensors})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    save_file(lora, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "bias": "none", "target_modules": ["up_proj"]}))
+
+
+def test_merge_killed_mid_upload_leaves_no_version(s3: Any, prefix: str, tmp_path: Path) -> None:
+    client = s3.client()
+    _big_base(tmp_path / "src")
+    adapter_dir = tmp_path / "src/adapter"
+    base_key, adapter_key = f"{prefix}/base/big/v1", f"{prefix}/learners/u2/adapters/1"
+    out_key = f"{prefix}/learners/u2/checkpoints/v4"
+    for path in (tmp_path / "src").glob("model*"):
+        client.upload_file(str(path), s3.bucket, f"{base_key}/{path.name}")
+    upload_dir(client, s3.bucket, adapter_key, adapter_dir)
+    job = MergeJob(base_uri=f"s3://{s3.bucket}/{base_key}", adapter_uri=f"s3://{s3.bucket}/{adapter_key}",
+                   output_uri=f"s3://{s3.bucket}/{out_key}", base_model="big", base_version=1, parent_version=3,
+                   target_version=4, device="cpu")
+    env = {**job.to_env(), "PRIVATEFM_RESULT_PATH": str(tmp_path / "result.json"),
+           "PRIVATEFM_PART_SIZE_BYTES": str(5 * MiB)}
+    full = {**{k: v for k, v in os.environ.items() if not k.startswith(("PRIVATEFM_", "AWS_"))}, **s3_env(s3), **env}
+    proc = subprocess.Popen([CLI, "pod"], env=full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts_seen = 0
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not parts_seen:
+            for upload in client.list_multipart_uploads(Bucket=s3.bucket, Prefix=out_key).get("Uploads", []):
+                parts = client.list_parts(Bucket=s3.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                parts_seen = max(parts_seen, len(parts.get("Parts", [])))
+            time.sleep(0.01)
+        assert parts_seen, "the merge finished (or stalled) before a part was uploaded; cannot test the kill"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket, Prefix=out_key).get("Contents", [])]
+    assert f"{out_key}/manifest.json" not in keys
+    report = verify_checkpoint(job.output_uri, s3_client=client)
+    assert not report.exists and report.message == NO_MANIFEST
+    assert client.list_multipart_uploads(Bucket=s3.bucket, Prefix=out_key).get("Uploads"), \
+        "the killed upload is left unfinished, never completed"
+
+    # The Job's retry starts over and commits.
+    proc2 = subprocess.run([CLI, "pod"], env=full, capture_output=True, text=True, timeout=300)
+    assert proc2.returncode == 0, proc2.stderr
+    report = verify_checkpoint(job.output_uri, s3_client=client)
+    assert report.ok and report.file_count == 3
+    assert report.manifest is not None and report.manifest.parent_version == 3
+    merged = read_tensors_s3(client, s3.bucket, out_key, tmp_path / "dl")
+    base = read_tensors(tmp_path / "src")
+    assert merged.keys() == base.keys() and all(not torch.equal(merged[k], base[k]) for k in base)
+
+
+def read_tensors_s3(client: Any, bucket: str, key_prefix: str, directory: Path) -> dict[str, torch.Tensor]:
+    directory.mkdir()
+    for item in client.list_objects_v2(Bucket=bucket, Prefix=f"{key_prefix}/")["Contents"]:
+        if item["Key"].endswith(".safetensors"):
+            client.download_file(bucket, item["Key"], str(directory / item["Key"].rsplit("/", 1)[1]))
+    return read_tensors(directory)
