@@ -18,6 +18,7 @@ Plan first, then stream:
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 import time
@@ -89,6 +90,7 @@ class MergeOptions:
     base_model: str | None = None
     base_version: int | None = None
     block_elements: int | None = None  # None: a default per device
+    compute_threads: int | None = None  # CPU threads for the math; None: all cores but one
     part_size: int = DEFAULT_PART_SIZE
     progress: ProgressFn | None = None
 
@@ -411,6 +413,15 @@ class _Merger:
             stream.close()
 
     def run(self) -> list[FileDigest]:
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu":  # leave a core to the thread that hashes and writes
+            torch.set_num_threads(self.options.compute_threads or max(1, len(os.sched_getaffinity(0)) - 1))
+        try:
+            return self._run()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self) -> list[FileDigest]:
         for number, shard in enumerate(self.plan.shards, 1):
             started = time.perf_counter()
             digest = self._stream_shard(shard)

@@ -1,0 +1,22 @@
+"""``privatefm-operator`` / ``python -m privatefm_operator``: run the operator cluster-wide."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import kopf
+
+from privatefm_operator import handlers, logs
+
+
+def main() -> int:
+    logs.configure()
+    assert handlers.SETTINGS  # importing handlers registers them with kopf
+    # One active operator at a time comes from the Deployment (Recreate, 1 replica), so no peering.
+    asyncio.run(kopf.operator(clusterwide=True, standalone=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

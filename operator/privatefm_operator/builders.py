@@ -1,0 +1,278 @@
+"""Pure builders of every object the operator keeps true. No I/O: input in, manifests out.
+
+The merge Job's parameters travel as pod-template annotations that the container reads through
+the downward API. That lets a CronJob create its Jobs *suspended* with a fixed template; the
+operator then assigns the version, writes the parameters into the (still mutable) template
+annotations and un-suspends the Job. Manual and fallback runs get the same Job, created with
+the annotations already set. The pod itself never talks to the Kubernetes API.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+from privatefm_merge import contract
+
+from privatefm_operator import naming
+from privatefm_operator.api import LearnerNamespaceSpec, MergeSettings, MergeTrigger
+from privatefm_operator.settings import Settings
+
+PARAM_PREFIX = "merge.privatefm.io/"
+RESULT_PATH = contract.DEFAULT_RESULT_PATH
+# Contract variable -> pod annotation it is read from.
+PARAM_ANNOTATIONS = {
+    env: PARAM_PREFIX + env.removeprefix("PRIVATEFM_").lower().replace("_", "-")
+    for env in (contract.ENV_BASE_URI, contract.ENV_ADAPTER_URI, contract.ENV_OUTPUT_URI,
+                contract.ENV_BASE_MODEL, contract.ENV_BASE_VERSION, contract.ENV_PARENT_VERSION,
+                contract.ENV_TARGET_VERSION)
+}
+
+
+@dataclass(frozen=True)
+class Learner:
+    """What the builders need to know about one LearnerNamespace."""
+
+    name: str
+    uid: str  # the CR's metadata.uid (owner references)
+    ns_uid: str
+    namespace: str
+    spec: LearnerNamespaceSpec
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return naming.learner_labels(self.name, self.spec.learner_id, self.ns_uid)
+
+    def owner(self) -> dict[str, Any]:
+        """Owner reference for children *inside* the namespace (never on the Namespace itself)."""
+        return {"apiVersion": "privatefm.io/v1alpha1", "kind": "LearnerNamespace", "name": self.name,
+                "uid": self.uid, "controller": True, "blockOwnerDeletion": False}
+
+
+def _meta(learner: Learner, name: str, component: str) -> dict[str, Any]:
+    return {"name": name, "namespace": learner.namespace,
+            "labels": {**learner.labels, naming.LABEL_COMPONENT: component},
+            "ownerReferences": [learner.owner()]}
+
+
+def namespace(learner: Learner) -> dict[str, Any]:
+    """The learner's namespace: labelled, Pod Security `restricted`, and deliberately not owned by the CR."""
+    return {
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": learner.namespace, "labels": {
+            **learner.labels,
+            "pod-security.kubernetes.io/enforce": "restricted",
+            "pod-security.kubernetes.io/enforce-version": "latest",
+            "pod-security.kubernetes.io/warn": "restricted",
+            "pod-security.kubernetes.io/audit": "restricted",
+        }},
+    }
+
+
+def s3_egress(endpoint: str, cidr_override: str) -> dict[str, Any]:
+    """Egress to the S3 endpoint: its IP as a /32 (or the configured CIDR), on its port."""
+    url = urlparse(endpoint or "https://s3.amazonaws.com")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    rule: dict[str, Any] = {"ports": [{"protocol": "TCP", "port": port}]}
+    cidr = cidr_override
+    if not cidr and url.hostname:
+        try:
+            ip = ipaddress.ip_address(url.hostname)
+            cidr = f"{ip}/{32 if ip.version == 4 else 128}"
+        except ValueError:
+            cidr = ""  # a host name: NetworkPolicy cannot name hosts, so only the port is restricted
+    if cidr:
+        rule["to"] = [{"ipBlock": {"cidr": cidr}}]
+    return rule
+
+
+def network_policy(learner: Learner, settings: Settings) -> dict[str, Any]:
+    """Default deny in and out, except DNS and the S3 endpoint."""
+    dns = {"to": [{"namespaceSelector": {}}],
+           "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": _meta(learner, naming.NETWORK_POLICY, "isolation"),
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"], "ingress": [],
+                 "egress": [dns, s3_egress(settings.s3_endpoint, settings.s3_egress_cidr)]},
+    }
+
+
+def gpus(merge: MergeSettings, settings: Settings) -> int:
+    return merge.gpus if "gpus" in merge.model_fields_set else settings.merge_gpus
+
+
+def resource_quota(learner: Learner, settings: Settings) -> dict[str, Any]:
+    merge = learner.spec.merge_settings()
+    return {
+        "apiVersion": "v1", "kind": "ResourceQuota",
+        "metadata": _meta(learner, naming.RESOURCE_QUOTA, "quota"),
+        "spec": {"hard": {
+            "pods": str(settings.quota_pods),
+            "requests.cpu": settings.quota_cpu,
+            "requests.memory": settings.quota_memory,
+            "limits.memory": settings.quota_memory,
+            "requests.nvidia.com/gpu": str(gpus(merge, settings)),
+        }},
+    }
+
+
+def limit_range(learner: Learner, settings: Settings) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "LimitRange",
+        "metadata": _meta(learner, naming.LIMIT_RANGE, "quota"),
+        "spec": {"limits": [{
+            "type": "Container",
+            "default": {"cpu": settings.merge_cpu, "memory": settings.merge_memory},
+            "defaultRequest": {"cpu": settings.merge_cpu, "memory": settings.merge_memory},
+        }]},
+    }
+
+
+def service_account(learner: Learner) -> dict[str, Any]:
+    """The merge pods' identity: no token, no RoleBinding, so no Kubernetes API rights."""
+    return {"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": _meta(learner, naming.MERGE_SERVICE_ACCOUNT, "merge"),
+            "automountServiceAccountToken": False}
+
+
+def s3_secret(learner: Learner, settings: Settings) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": _meta(learner, naming.S3_SECRET, "merge"),
+        "stringData": {
+            contract.ENV_S3_ENDPOINT: settings.s3_endpoint,
+            contract.ENV_S3_ACCESS_KEY: settings.s3_access_key,
+            contract.ENV_S3_SECRET_KEY: settings.s3_secret_key,
+            contract.ENV_S3_REGION: settings.s3_region,
+        },
+    }
+
+
+def _resources(merge: MergeSettings, settings: Settings) -> dict[str, Any]:
+    requests: dict[str, Any] = {"cpu": settings.merge_cpu, "memory": settings.merge_memory}
+    limits: dict[str, Any] = {"memory": settings.merge_memory}
+    if merge.resources:
+        requests.update(merge.resources.requests or {})
+        limits.update(merge.resources.limits or {})
+    n = gpus(merge, settings)
+    if n:
+        limits["nvidia.com/gpu"] = str(n)  # extended resources: the request defaults to the limit
+    return {"requests": requests, "limits": limits}
+
+
+def merge_pod_template(learner: Learner, settings: Settings, trigger: MergeTrigger,
+                       params: dict[str, str] | None) -> dict[str, Any]:
+    merge = learner.spec.merge_settings()
+    env: list[dict[str, Any]] = [
+        {"name": var, "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{key}']"}}}
+        for var, key in PARAM_ANNOTATIONS.items()
+    ]
+    env += [
+        {"name": contract.ENV_RESULT_PATH, "value": RESULT_PATH},
+        {"name": contract.ENV_DEVICE, "value": "cuda" if gpus(merge, settings) else "cpu"},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "TMPDIR", "value": "/tmp"},
+    ]
+    labels = {**learner.labels, naming.LABEL_COMPONENT: "merge", naming.LABEL_TRIGGER: trigger.value}
+    spec: dict[str, Any] = {
+        "serviceAccountName": naming.MERGE_SERVICE_ACCOUNT,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "restartPolicy": "Never",
+        "securityContext": {
+            "runAsNonRoot": True, "runAsUser": settings.merge_run_as_user,
+            "runAsGroup": settings.merge_run_as_user, "fsGroup": settings.merge_run_as_user,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [{
+            "name": "merge",
+            "image": settings.merge_image,
+            "imagePullPolicy": settings.merge_image_pull_policy,
+            "command": list(contract.POD_COMMAND),
+            "env": env,
+            "envFrom": [{"secretRef": {"name": naming.S3_SECRET}}],
+            "resources": _resources(merge, settings),
+            "securityContext": {
+                "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
+            },
+            "terminationMessagePath": RESULT_PATH,
+            "terminationMessagePolicy": "File",
+            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        }],
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
+    }
+    if merge.node_selector:
+        spec["nodeSelector"] = dict(merge.node_selector)
+    if merge.tolerations:
+        spec["tolerations"] = [t.wire() for t in merge.tolerations]
+    meta: dict[str, Any] = {"labels": labels}
+    if params:
+        meta["annotations"] = params
+    return {"metadata": meta, "spec": spec}
+
+
+def merge_job_spec(learner: Learner, settings: Settings, trigger: MergeTrigger,
+                   params: dict[str, str] | None, suspend: bool) -> dict[str, Any]:
+    return {
+        "backoffLimit": 0,  # the AdapterMerge is the unit of retry, not the pod
+        "activeDeadlineSeconds": settings.merge_deadline_seconds,
+        "suspend": suspend,
+        "template": merge_pod_template(learner, settings, trigger, params),
+    }
+
+
+def merge_job(learner: Learner, settings: Settings, name: str, trigger: MergeTrigger,
+              params: dict[str, str], owner: dict[str, Any]) -> dict[str, Any]:
+    """The Job of a manual or fallback run, owned by its AdapterMerge."""
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name, "namespace": learner.namespace,
+                     "labels": {**learner.labels, naming.LABEL_COMPONENT: "merge",
+                                naming.LABEL_TRIGGER: trigger.value},
+                     "ownerReferences": [owner]},
+        "spec": merge_job_spec(learner, settings, trigger, params, suspend=False),
+    }
+
+
+def cronjob(learner: Learner, settings: Settings) -> dict[str, Any]:
+    """The nightly schedule. Its Jobs start suspended until the operator assigns their version."""
+    merge = learner.spec.merge_settings()
+    spec: dict[str, Any] = {
+        "schedule": merge.schedule,
+        "suspend": merge.suspend,
+        "concurrencyPolicy": "Forbid",
+        "startingDeadlineSeconds": 3600,
+        "successfulJobsHistoryLimit": settings.job_history,
+        "failedJobsHistoryLimit": settings.job_history,
+        "jobTemplate": {
+            "metadata": {"labels": {**learner.labels, naming.LABEL_COMPONENT: "merge",
+                                    naming.LABEL_TRIGGER: MergeTrigger.SCHEDULED.value}},
+            "spec": merge_job_spec(learner, settings, MergeTrigger.SCHEDULED, None, suspend=True),
+        },
+    }
+    if merge.time_zone:
+        spec["timeZone"] = merge.time_zone
+    return {"apiVersion": "batch/v1", "kind": "CronJob",
+            "metadata": _meta(learner, naming.CRONJOB, "schedule"), "spec": spec}
+
+
+def children(learner: Learner, settings: Settings) -> list[dict[str, Any]]:
+    """Everything inside the learner's namespace, in apply order."""
+    return [
+        service_account(learner),
+        s3_secret(learner, settings),
+        network_policy(learner, settings),
+        resource_quota(learner, settings),
+        limit_range(learner, settings),
+        cronjob(learner, settings),
+    ]
+
+
+def job_params(job_env: contract.MergeJob) -> dict[str, str]:
+    """The pod annotations that carry one run's contract variables."""
+    env = job_env.to_env()
+    return {key: env.get(var, "") for var, key in PARAM_ANNOTATIONS.items()}

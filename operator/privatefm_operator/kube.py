@@ -1,0 +1,131 @@
+"""The only module that talks to the Kubernetes API.
+
+Children are written with server-side apply under one field manager, so an apply both creates
+what is missing and restores what drifted, and is a no-op when nothing changed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+FIELD_MANAGER = "privatefm-operator"
+log = logging.getLogger(__name__)
+
+# kind -> (API path prefix, plural, namespaced)
+RESOURCES: dict[str, tuple[str, str, bool]] = {
+    "Namespace": ("/api/v1", "namespaces", False),
+    "ServiceAccount": ("/api/v1", "serviceaccounts", True),
+    "Secret": ("/api/v1", "secrets", True),
+    "ResourceQuota": ("/api/v1", "resourcequotas", True),
+    "LimitRange": ("/api/v1", "limitranges", True),
+    "Pod": ("/api/v1", "pods", True),
+    "Event": ("/api/v1", "events", True),
+    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies", True),
+    "CronJob": ("/apis/batch/v1", "cronjobs", True),
+    "Job": ("/apis/batch/v1", "jobs", True),
+    "LearnerNamespace": ("/apis/privatefm.io/v1alpha1", "learnernamespaces", False),
+    "AdapterMerge": ("/apis/privatefm.io/v1alpha1", "adaptermerges", True),
+}
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient | None = None) -> None:
+        if api is None:
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+            api = client.ApiClient()
+        self.api = api
+
+    # ---- generic REST ----------------------------------------------------------------------
+    def _path(self, kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
+        prefix, plural, namespaced = RESOURCES[kind]
+        path = prefix + (f"/namespaces/{namespace}" if namespaced else "") + f"/{plural}"
+        if name:
+            path += f"/{name}"
+        if sub:
+            path += f"/{sub}"
+        return path
+
+    def _call(self, method: str, path: str, body: Any = None, query: list[tuple[str, str]] | None = None,
+              content_type: str = "application/json") -> Any:
+        method, url, headers, payload, _ = self.api.param_serialize(
+            method=method, resource_path=path, query_params=query or [], body=body,
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            auth_settings=["BearerToken"])
+        response = self.api.call_api(method, url, header_params=headers, body=payload)
+        response.read()
+        if not 200 <= response.status < 300:
+            raise ApiException(status=response.status, reason=response.reason,
+                               body=response.data.decode(errors="replace") if response.data else None)
+        return json.loads(response.data) if response.data else {}
+
+    def get(self, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        try:
+            return dict(self._call("GET", self._path(kind, namespace, name)))
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def list(self, kind: str, namespace: str | None = None, selector: str | None = None) -> list[dict[str, Any]]:
+        query = [("labelSelector", selector)] if selector else []
+        return list(self._call("GET", self._path(kind, namespace), query=query).get("items", []))
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        meta = obj["metadata"]
+        path = self._path(obj["kind"], meta.get("namespace"), meta["name"])
+        return dict(self._call("PATCH", path, body=obj, content_type="application/apply-patch+yaml",
+                               query=[("fieldManager", FIELD_MANAGER), ("force", "true")]))
+
+    def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """Creates ``obj``; returns None when it already exists (deterministic names make this safe)."""
+        meta = obj["metadata"]
+        try:
+            return dict(self._call("POST", self._path(obj["kind"], meta.get("namespace")), body=obj,
+                                   query=[("fieldManager", FIELD_MANAGER)]))
+        except ApiException as err:
+            if err.status == 409:
+                return None
+            raise
+
+    def patch(self, kind: str, name: str, patch: dict[str, Any], namespace: str | None = None,
+              subresource: str | None = None) -> dict[str, Any]:
+        """JSON merge patch. Put ``metadata.resourceVersion`` in ``patch`` for optimistic concurrency."""
+        return dict(self._call("PATCH", self._path(kind, namespace, name, subresource), body=patch,
+                               content_type="application/merge-patch+json",
+                               query=[("fieldManager", FIELD_MANAGER)]))
+
+    # ---- events ----------------------------------------------------------------------------
+    def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event about ``obj``. Failure to post is logged, never raised."""
+        meta = obj["metadata"]
+        namespace = meta.get("namespace") or "default"
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:10]}", "namespace": namespace},
+            "involvedObject": {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": meta["name"],
+                               "namespace": meta.get("namespace"), "uid": meta.get("uid"),
+                               "resourceVersion": meta.get("resourceVersion")},
+            "type": type_, "reason": reason, "message": message[:1024],
+            "source": {"component": FIELD_MANAGER}, "reportingComponent": FIELD_MANAGER,
+            "reportingInstance": FIELD_MANAGER, "action": reason,
+            "firstTimestamp": now, "lastTimestamp": now, "eventTime": None, "count": 1,
+        }
+        try:
+            self._call("POST", self._path("Event", namespace), body=body)
+        except ApiException as err:
+            log.warning("could not post event %s: %s", reason, err.reason)
+
+
+def is_conflict(err: Exception) -> bool:
+    return isinstance(err, ApiException) and err.status == 409

@@ -1,0 +1,59 @@
+"""Prometheus metrics (the seed service's five figures, by Prometheus naming rules) and the
+operator's HTTP endpoints: /metrics, /healthz (liveness) and /readyz (readiness)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+LEARNER_NAMESPACES = Gauge("privatefm_learner_namespaces", "LearnerNamespaces the operator manages")
+MERGE_OPERATIONS = Counter("privatefm_merge_operations_total", "Finished merge runs",
+                           ["trigger", "result"])
+MERGE_DURATION = Histogram("privatefm_merge_duration_seconds", "Merge wall time reported by merge pods",
+                           buckets=(1, 5, 15, 60, 300, 900, 1800, 3600, 7200, 14400))
+FALLBACK_OPERATIONS = Counter("privatefm_fallback_operations_total", "Re-clones from the base model",
+                              ["result"])
+CHECKPOINT_SIZE = Histogram("privatefm_checkpoint_size_bytes", "Size of verified checkpoints",
+                            buckets=tuple(float(2**n) for n in range(20, 41, 2)))
+RECONCILE_DURATION = Histogram("privatefm_reconcile_duration_seconds", "Reconcile latency", ["kind"])
+RECONCILE_ERRORS = Counter("privatefm_reconcile_errors_total", "Reconciles that raised", ["kind"])
+
+
+def start_http_server(port: int, ready: Callable[[], bool], host: str = "0.0.0.0") -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            if self.path == "/metrics":
+                self._send(200, generate_latest(), CONTENT_TYPE_LATEST)
+            elif self.path == "/healthz":
+                self._send(200, b"ok\n")
+            elif self.path == "/readyz":
+                ok = ready()
+                self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+            else:
+                self._send(404, b"not found\n")
+
+        def _send(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # probes are not news
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    return server
+
+
+def init_labels(triggers: Iterable[str]) -> None:
+    """Expose zero-valued series up front, so rates and alerts work before the first event."""
+    for trigger in triggers:
+        for result in ("succeeded", "failed"):
+            MERGE_OPERATIONS.labels(trigger=trigger, result=result)
+    for result in ("completed", "failed"):
+        FALLBACK_OPERATIONS.labels(result=result)

@@ -1,0 +1,42 @@
+"""Deterministic names and labels. Pure: the same input always gives the same name."""
+
+from __future__ import annotations
+
+import hashlib
+
+GROUP = "privatefm.io"
+MANAGED_BY = "privatefm-operator"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_LEARNER = f"{GROUP}/learner"          # the LearnerNamespace's name
+LABEL_LEARNER_ID = f"{GROUP}/learner-id"
+LABEL_NS_UID = f"{GROUP}/ns-uid"
+LABEL_TRIGGER = f"{GROUP}/trigger"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+
+MERGE_SERVICE_ACCOUNT = "privatefm-merge"
+S3_SECRET = "privatefm-s3"
+NETWORK_POLICY = "privatefm-isolation"
+RESOURCE_QUOTA = "privatefm-quota"
+LIMIT_RANGE = "privatefm-limits"
+CRONJOB = "nightly-merge"
+FINALIZER = f"{GROUP}/guardian-approval"
+
+
+def ns_uid(cr_uid: str) -> str:
+    """A stable id for one learner's lifetime, derived from the CR's UID (12 hex chars)."""
+    return hashlib.sha256(cr_uid.encode()).hexdigest()[:12]
+
+
+def namespace_name(learner_id: str, uid: str) -> str:
+    """``lrn-<learnerId>-<nsUid[:8]>``: readable, unique, at most 53 characters."""
+    return f"lrn-{learner_id}-{uid[:8]}"
+
+
+def learner_labels(lns_name: str, learner_id: str, uid: str) -> dict[str, str]:
+    return {
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_LEARNER: lns_name,
+        LABEL_LEARNER_ID: learner_id,
+        LABEL_NS_UID: uid,
+    }

@@ -1,0 +1,41 @@
+"""Operator settings, from environment variables (a ConfigMap feeds them through envFrom)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob the operator has. Names are ``PRIVATEFM_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="PRIVATEFM_", extra="ignore")
+
+    # Store
+    s3_endpoint: str = Field(default="", description="S3 endpoint URL; empty uses AWS's default")
+    s3_bucket: str = Field(default="privatefm", description="Bucket holding base/ and learners/")
+    s3_region: str = Field(default="us-east-1")
+    s3_access_key: str = Field(default="", description="Credentials handed to merge pods (Secret per learner)")
+    s3_secret_key: str = Field(default="")
+    s3_egress_cidr: str = Field(default="", description="CIDR merge pods may reach S3 at; default the endpoint IP")
+
+    # Merge pods
+    merge_image: str = Field(default="ghcr.io/privatefm/merge:0.1.0")
+    merge_image_pull_policy: str = Field(default="IfNotPresent")
+    merge_gpus: int = Field(default=1, ge=0, description="Default GPUs when spec.merge.gpus is unset")
+    merge_cpu: str = Field(default="2")
+    merge_memory: str = Field(default="16Gi")
+    merge_deadline_seconds: int = Field(default=6 * 3600, ge=60)
+    merge_run_as_user: int = Field(default=65532)
+    job_history: int = Field(default=3, ge=0, description="Finished scheduled Jobs each CronJob keeps")
+
+    # Learner namespaces
+    quota_pods: int = Field(default=4)
+    quota_cpu: str = Field(default="16")
+    quota_memory: str = Field(default="128Gi")
+
+    # Behaviour
+    max_version_lag: int = Field(default=3, ge=0)
+    fallback_retry_limit: int = Field(default=3, ge=0)
+    resync_seconds: float = Field(default=60.0, gt=0, description="How often drift is repaired")
+    http_port: int = Field(default=8080, description="/metrics, /healthz, /readyz")
