@@ -62,7 +62,7 @@ class Kube:
         return path
 
     def api_client(self, as_user: str | None = None, as_groups: tuple[str, ...] = ()) -> Any:
-        from kubernetes import client, config
+        from kubernetes import config
 
         api = config.new_client_from_config(str(self.kubeconfig))
         if as_user:

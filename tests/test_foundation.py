@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from privatefm_testing.cluster import BIN, LocalCluster, pid_alive
-
 from conftest import Kube
+from privatefm_testing.cluster import BIN, LocalCluster, pid_alive
 
 pytestmark = pytest.mark.cluster
 

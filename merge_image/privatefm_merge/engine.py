@@ -18,11 +18,12 @@ Plan first, then stream:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from privatefm_merge.adapter import (
 )
 from privatefm_merge.contract import Reason
 from privatefm_merge.errors import MergeError, NotFoundError, StorageError
-from privatefm_merge.lora_math import NonFiniteError, merge_lora_, resolve_device, tensor_view
+from privatefm_merge.lora_math import NonFiniteError, Workspace, merge_lora_, resolve_device, tensor_view
 from privatefm_merge.manifest import (
     AdapterInfo,
     BaseInfo,
@@ -259,22 +260,33 @@ def _read_exact_into(stream: ReadStream, view: memoryview) -> None:
         filled += n
 
 
-def _read_exact(stream: ReadStream, size: int) -> bytearray:
-    buffer = bytearray(size)
-    if size:
-        _read_exact_into(stream, memoryview(buffer))
-    return buffer
+class _BufferPool:
+    """A fixed set of reusable (grow-only) buffers: the reader takes one, fills it, hands it to
+    the writer thread, which gives it back once written. Bounds memory, and avoids the page
+    faults and zero-filling of a fresh allocation per chunk."""
+
+    def __init__(self, count: int) -> None:
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(count):
+            self._free.put(bytearray())
+
+    def take(self, size: int) -> bytearray:
+        buffer = self._free.get()  # waits while the writer holds them all
+        return buffer if len(buffer) >= size else bytearray(size)
+
+    def give(self, buffer: bytearray) -> None:
+        self._free.put(buffer)
 
 
 class _BackgroundWriter:
-    """Hashes and writes on a thread, so that writing overlaps merging. Bounded queue of chunks
-    (views into buffers the producer no longer touches)."""
+    """Hashes and writes on a thread, so that writing overlaps reading and merging. Each queued
+    view is handed back (``done``) once written; the buffer pools bound how much is queued."""
 
     _STOP = object()
 
-    def __init__(self, writer: ObjectWriter, depth: int = 3) -> None:
+    def __init__(self, writer: ObjectWriter) -> None:
         self._writer = writer
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue[Any] = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"write:{writer.name}", daemon=True)
         self._thread.start()
@@ -284,21 +296,19 @@ class _BackgroundWriter:
             item = self._queue.get()
             if item is self._STOP:
                 return
+            data, done = item
             if self._error is None:
                 try:
-                    self._writer.write(item)
+                    self._writer.write(data)
                 except BaseException as err:
                     self._error = err
+            if done is not None:  # after a failure too, so the producer never waits forever
+                done()
 
-    def _raise_if_failed(self) -> None:
+    def write(self, data: bytes | memoryview, done: Callable[[], None] | None = None) -> None:
         if self._error is not None:
             raise self._error
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        for start in range(0, len(view), COPY_CHUNK):
-            self._raise_if_failed()
-            self._queue.put(view[start: start + COPY_CHUNK])
+        self._queue.put((data, done))
 
     def commit(self) -> FileDigest:
         self._queue.put(self._STOP)
@@ -326,6 +336,9 @@ class _Merger:
         self.block_elements = options.block_elements or (
             64 * MiB if self.device.type == "cuda" else 4 * MiB)
         self.written: list[FileDigest] = []
+        self.chunks = _BufferPool(4)  # copied bytes, COPY_CHUNK each
+        self.tensors = _BufferPool(2)  # adapted tensors: one being merged, one being written
+        self.workspace = Workspace()
         self.compute_seconds = 0.0
         self.bytes_done = 0
         self.total_bytes = sum(s.header.file_size for s in plan.shards)
@@ -341,7 +354,7 @@ class _Merger:
         raw = bytearray(self.adapter.read_range(ADAPTER_WEIGHTS_NAME, start + info.begin, start + info.end))
         return tensor_view(raw, info.dtype, info.shape)
 
-    def _merge_tensor(self, buffer: bytearray, tensor_plan: TensorPlan, dtype: str,
+    def _merge_tensor(self, buffer: memoryview, tensor_plan: TensorPlan, dtype: str,
                       shape: tuple[int, ...]) -> None:
         lora_a = self._adapter_tensor(tensor_plan.lora_a)
         lora_b = self._adapter_tensor(tensor_plan.lora_b)
@@ -350,7 +363,7 @@ class _Merger:
         try:
             merge_lora_(tensor_view(buffer, dtype, shape), lora_a, lora_b, tensor_plan.scaling,
                         fan_in_fan_out=tensor_plan.fan_in_fan_out, magnitude=magnitude, device=self.device,
-                        block_elements=self.block_elements)
+                        block_elements=self.block_elements, workspace=self.workspace)
         except NonFiniteError as err:
             raise MergeError(Reason.NON_FINITE_RESULT,
                              f"merging {tensor_plan.module} into {tensor_plan.base_name}: {err}") from None
@@ -361,21 +374,27 @@ class _Merger:
         writer = _BackgroundWriter(self.out.open_write(shard.name, size_hint=header.file_size))
         stream = self.base.open_read(shard.name)
         try:
-            if bytes(_read_exact(stream, header.data_start)) != header.raw:
+            raw = bytearray(header.data_start)
+            _read_exact_into(stream, memoryview(raw))
+            if raw != header.raw:
                 raise StorageError(f"base shard {shard.name} changed while merging (header differs)")
             writer.write(header.raw)
             position = 0
             for info in header.tensors.values():
-                for chunk in self._copy(stream, info.begin - position):  # gaps, if any
-                    writer.write(chunk)
+                self._copy(stream, writer, info.begin - position)  # gaps, if any
                 tensor_plan = self.plan.tensors.get(info.name)
                 if tensor_plan is None:
-                    for chunk in self._copy(stream, info.nbytes):
-                        writer.write(chunk)
+                    self._copy(stream, writer, info.nbytes)
                 else:
-                    buffer = _read_exact(stream, info.nbytes)
-                    self._merge_tensor(buffer, tensor_plan, info.dtype, info.shape)
-                    writer.write(buffer)
+                    buffer = self.tensors.take(info.nbytes)
+                    view = memoryview(buffer)[: info.nbytes]
+                    try:
+                        _read_exact_into(stream, view)
+                        self._merge_tensor(view, tensor_plan, info.dtype, info.shape)
+                    except BaseException:
+                        self.tensors.give(buffer)
+                        raise
+                    writer.write(view, functools.partial(self.tensors.give, buffer))
                     self.bytes_done += info.nbytes
                 position = info.end
             if stream.read(1):
@@ -388,12 +407,19 @@ class _Merger:
             stream.close()
         return digest
 
-    def _copy(self, stream: ReadStream, size: int) -> Iterator[bytearray]:
+    def _copy(self, stream: ReadStream, writer: _BackgroundWriter, size: int) -> None:
         while size > 0:
-            chunk = _read_exact(stream, min(size, COPY_CHUNK))
-            size -= len(chunk)
-            self.bytes_done += len(chunk)
-            yield chunk
+            n = min(size, COPY_CHUNK)
+            buffer = self.chunks.take(COPY_CHUNK)
+            view = memoryview(buffer)[:n]
+            try:
+                _read_exact_into(stream, view)
+            except BaseException:
+                self.chunks.give(buffer)
+                raise
+            writer.write(view, functools.partial(self.chunks.give, buffer))
+            size -= n
+            self.bytes_done += n
             now = time.monotonic()
             if now - self._last_progress >= 10:
                 self._last_progress = now

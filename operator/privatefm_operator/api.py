@@ -27,8 +27,8 @@ GO_DURATION = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"
 QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 
 
-def cel(rule: str, message: str, **extra: str) -> dict[str, str]:
-    return {"rule": rule, "message": message, **extra}
+def cel(rule: str, message: str) -> dict[str, Any]:
+    return {"rule": rule, "message": message}
 
 
 Quantity = Annotated[
@@ -146,7 +146,7 @@ class MergeSettings(Model):
 
     model_config: ClassVar[ConfigDict] = ConfigDict(json_schema_extra={"x-kubernetes-validations": [cel(
         "!has(self.resources) || !has(self.resources.limits) || !('nvidia.com/gpu' in self.resources.limits)",
-        "set GPUs with merge.gpus, not resources.limits", fieldPath=".resources.limits")]})
+        "set GPUs with merge.gpus, not resources.limits") | {"fieldPath": ".resources.limits"}]})
 
 
 class LearnerNamespaceSpec(Model):
@@ -234,7 +234,8 @@ class LearnerNamespaceStatus(Model):
 class LearnerNamespace(Model):
     """A learner's private copy of a foundation model: an isolated namespace, nightly merges, checkpoints."""
 
-    api_version: Literal["privatefm.io/v1alpha1"] = Field(default=API_VERSION, description="privatefm.io/v1alpha1")
+    api_version: Literal["privatefm.io/v1alpha1"] = Field(default="privatefm.io/v1alpha1",
+                                                          description="privatefm.io/v1alpha1")
     kind: Literal["LearnerNamespace"] = Field(default="LearnerNamespace", description="LearnerNamespace")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
     spec: LearnerNamespaceSpec = Field(description="Desired state.")
@@ -299,7 +300,8 @@ class AdapterMergeStatus(Model):
 class AdapterMerge(Model):
     """One run that merges a learner's LoRA adapter into the base model, producing a checkpoint."""
 
-    api_version: Literal["privatefm.io/v1alpha1"] = Field(default=API_VERSION, description="privatefm.io/v1alpha1")
+    api_version: Literal["privatefm.io/v1alpha1"] = Field(default="privatefm.io/v1alpha1",
+                                                          description="privatefm.io/v1alpha1")
     kind: Literal["AdapterMerge"] = Field(default="AdapterMerge", description="AdapterMerge")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
     spec: AdapterMergeSpec = Field(
@@ -317,7 +319,7 @@ class CrdInfo(Model):
     scope: Literal["Cluster", "Namespaced"]
     model: Any
     printer_columns: list[dict[str, Any]]
-    root_rules: list[dict[str, str]] = Field(default_factory=list)
+    root_rules: list[dict[str, Any]] = Field(default_factory=list)
 
 
 CRDS = [
@@ -348,7 +350,8 @@ CRDS = [
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
         # The run's Job carries the same name, and Job names are DNS labels.
-        root_rules=[cel("self.metadata.name.size() <= 63 && self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
+        root_rules=[cel("self.metadata.name.size() <= 63 && "
+                        "self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
                         "metadata.name must be a DNS label of at most 63 characters (it names the merge Job)")],
     ),
 ]

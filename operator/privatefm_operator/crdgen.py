@@ -19,7 +19,9 @@ import yaml
 
 from privatefm_operator.api import CRDS, GROUP, VERSION, CrdInfo
 
-CRD_DIR = Path(__file__).resolve().parents[2] / "crds"
+REPO = Path(__file__).resolve().parents[2]
+# crds/ for kubectl and kustomize; the chart keeps an identical copy (Helm reads only its own files).
+CRD_DIRS = (REPO / "crds", REPO / "charts" / "privatefm-operator" / "files" / "crds")
 _DROP = {"title", "default"}
 
 
@@ -113,17 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="privatefm-crdgen", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="fail when the committed CRDs are stale")
-    parser.add_argument("--out", type=Path, default=CRD_DIR)
     args = parser.parse_args(argv)
     stale = []
-    for name, text in files().items():
-        path = args.out / name
-        if args.check:
-            if not path.exists() or path.read_text() != text:
-                stale.append(name)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+    for directory in CRD_DIRS:
+        for name, text in files().items():
+            path = directory / name
+            if args.check:
+                if not path.exists() or path.read_text() != text:
+                    stale.append(str(path.relative_to(REPO)))
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
     if stale:
         print(f"stale CRDs (run privatefm-crdgen): {', '.join(stale)}", file=sys.stderr)
         return 1

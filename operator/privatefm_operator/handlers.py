@@ -27,7 +27,8 @@ _state: dict[str, Any] = {}
 
 
 def operator() -> Operator:
-    return _state["operator"]  # type: ignore[no-any-return]
+    op: Operator = _state["operator"]
+    return op
 
 
 def _run(fn: Any, *args: Any) -> None:

@@ -70,7 +70,8 @@ class Operator:
             lag = decisions.version_lag(latest, current.get("baseVersion"))
 
             if base_problem:
-                phase, ready, stalled, reason, message = LearnerPhase.FAILED, False, True, "BaseModelNotFound", base_problem
+                phase, ready, stalled = LearnerPhase.FAILED, False, True
+                reason, message = "BaseModelNotFound", base_problem
             else:
                 phase, ready, stalled = LearnerPhase.READY, True, False
                 reason = "CheckpointVerified" if current else "Provisioned"

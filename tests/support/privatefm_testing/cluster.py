@@ -186,7 +186,7 @@ class LocalCluster:
         return [p.pid for p in self._procs.values()]
 
     # ---- components ------------------------------------------------------------------------
-    def _spawn(self, name: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, args: Sequence[str | Path]) -> subprocess.Popen[bytes]:
         log = open(self.dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         proc = subprocess.Popen(
             [str(a) for a in args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

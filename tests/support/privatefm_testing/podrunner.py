@@ -89,7 +89,7 @@ class PodRunner:
         node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE, "labels": {
             "kubernetes.io/hostname": NODE, "privatefm.io/local-runner": "true"}}}
         with contextlib.suppress(ApiException):
-            self.core.create_node(node)
+            self.core.create_node(node)  # type: ignore[arg-type]
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -168,7 +168,8 @@ class PodRunner:
             env = self.resolve_env(pod, container)
             mounts = self._mounts(pod, container, root)
             env = {k: translate(v, mounts) for k, v in env.items()}
-            env["PATH"] = os.environ.get("PATH", "/usr/bin:/bin")  # the image's PATH: ours
+            # The image's PATH is ours, with this interpreter's scripts (privatefm-merge) first.
+            env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "/usr/bin:/bin")])
             message_file = Path(translate(container.get("terminationMessagePath", "/dev/termination-log"), mounts))
             command = [*(container.get("command") or []), *(container.get("args") or [])]
             exe = shutil.which(command[0], path=env["PATH"]) if command else None
@@ -208,10 +209,9 @@ class PodRunner:
     def _bind(self, ns: str, name: str) -> None:
         body = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name, "namespace": ns},
                 "target": {"apiVersion": "v1", "kind": "Node", "name": NODE}}
-        try:
-            self.core.create_namespaced_binding(ns, body)
-        except ValueError:
-            pass  # the client cannot read back a Binding (its target is required but not returned)
+        # The client cannot read a Binding back (its target is required but not returned).
+        with contextlib.suppress(ValueError):
+            self.core.create_namespaced_binding(ns, body)  # type: ignore[arg-type]
 
     def _mounts(self, pod: dict[str, Any], container: dict[str, Any], root: Path) -> dict[str, Path]:
         """Mount path -> local directory, for emptyDir volumes and the termination-message file."""

@@ -30,7 +30,8 @@ def publish_base(s3_client: Any, bucket: str, model: str = BASE_MODEL, version: 
     torch.manual_seed(seed + version)
     config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
-    base = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    base = LlamaForCausalLM(config)
+    base.to(torch.bfloat16)  # type: ignore[arg-type]  # transformers wraps .to()
     prefix = layout.base_prefix(model, version)
     with tempfile.TemporaryDirectory() as tmp:
         base.save_pretrained(tmp, max_shard_size="100KB")

@@ -1,0 +1,385 @@
+"""The operator end to end on the real control plane and S3 server.
+
+The operator runs as a subprocess under its own ServiceAccount token and the RBAC shipped in
+manifests/rbac.yaml; merge pods run as local processes through the pod runner, with the merge
+image's real CLI, so each successful merge here is a real LoRA merge into a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import Kube
+from privatefm_merge import layout
+from privatefm_testing import seed
+from privatefm_testing.cluster import S3Info
+from privatefm_testing.operator_proc import OperatorProcess
+from privatefm_testing.podrunner import PodRunner
+
+pytestmark = pytest.mark.cluster
+REPO = Path(__file__).resolve().parents[1]
+OPERATOR_SA = ("privatefm-system", "privatefm-operator")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def get(kube: Kube, *args: str) -> dict[str, Any]:
+    proc = kube.kubectl("get", *args, "-o", "json", check=False)
+    return json.loads(proc.stdout) if proc.returncode == 0 else {}
+
+
+# ---- fixtures --------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def operator_kubeconfig(kube: Kube) -> Path:
+    """The operator's own identity: a ServiceAccount token bound only by manifests/rbac.yaml."""
+    kube.kubectl("apply", "-k", str(REPO / "crds"))
+    kube.kubectl("apply", "-f", str(REPO / "manifests" / "namespace.yaml"))
+    kube.kubectl("apply", "-f", str(REPO / "manifests" / "rbac.yaml"))
+    kube.kubectl("wait", "--for=condition=Established", "crd/learnernamespaces.privatefm.io",
+                 "crd/adaptermerges.privatefm.io", "--timeout=60s")
+    token = kube.kubectl("create", "token", OPERATOR_SA[1], "-n", OPERATOR_SA[0], "--duration=6h").stdout.strip()
+    config = yaml.safe_load(kube.kubeconfig.read_text())
+    for entry in config["users"]:
+        entry["user"] = {"token": token}
+    path = kube.workdir / "operator.kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def base_model(s3: S3Info) -> str:
+    return seed.publish_base(s3.client(), s3.bucket, version=1)
+
+
+class Hooks:
+    """Per-namespace hooks the pod runner calls after a merge process exits, before it reports."""
+
+    def __init__(self) -> None:
+        self.by_namespace: dict[str, Callable[[dict[str, Any], int], None]] = {}
+
+    def __call__(self, pod: dict[str, Any], code: int) -> None:
+        hook = self.by_namespace.get(pod["metadata"]["namespace"])
+        if hook:
+            hook(pod, code)
+
+
+@pytest.fixture(scope="session")
+def hooks() -> Hooks:
+    return Hooks()
+
+
+@pytest.fixture(scope="session")
+def podrunner(kube: Kube, hooks: Hooks, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodRunner]:
+    runner = PodRunner(kube.api_client(), tmp_path_factory.mktemp("pods"), after_exit=hooks).start()
+    yield runner
+    runner.stop()
+
+
+@pytest.fixture(scope="session")
+def operator(kube: Kube, s3: S3Info, operator_kubeconfig: Path, base_model: str, podrunner: PodRunner,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    proc = OperatorProcess(operator_kubeconfig, s3, tmp_path_factory.mktemp("operator") / "operator.log",
+                           merge_gpus="0", resync_seconds="2", merge_image="privatefm/merge:test")
+    proc.start()
+    yield proc
+    proc.stop()
+    print(proc.log_tail(80))
+
+
+@dataclass
+class LearnerHandle:
+    kube: Kube
+    s3: S3Info
+    name: str
+    learner_id: str
+    namespace: str
+    ns_uid: str
+
+    def status(self) -> dict[str, Any]:
+        return dict(get(self.kube, "lns", self.name).get("status") or {})
+
+    def checkpoint_version(self) -> int | None:
+        return (self.status().get("currentCheckpoint") or {}).get("version")
+
+    def request_merge(self, name: str, **spec: Any) -> None:
+        body = {"apiVersion": "privatefm.io/v1alpha1", "kind": "AdapterMerge",
+                "metadata": {"name": name, "namespace": self.namespace}, "spec": {"trigger": "Manual", **spec}}
+        self.kube.kubectl("create", "-f", "-", input=json.dumps(body))
+
+    def merge(self, name: str) -> dict[str, Any]:
+        return get(self.kube, "am", name, "-n", self.namespace)
+
+    def wait_merge(self, name: str, timeout: float = 120) -> dict[str, Any]:
+        def done() -> dict[str, Any] | None:
+            am = self.merge(name)
+            return am if (am.get("status") or {}).get("phase") in ("Succeeded", "Failed") else None
+        return dict(wait_for(done, timeout, f"AdapterMerge {name} to finish"))
+
+    def publish_adapter(self, seq: int, corrupt: bool = False) -> None:
+        seed.publish_adapter(self.s3.client(), self.s3.bucket, self.ns_uid, seq, seed=seq, corrupt=corrupt)
+
+    def events(self, reason: str) -> list[dict[str, Any]]:
+        items = get(self.kube, "events", "-A", "--field-selector", f"reason={reason}").get("items", [])
+        return [e for e in items if e["involvedObject"]["name"] == self.name
+                or e["involvedObject"].get("namespace") == self.namespace]
+
+
+@pytest.fixture
+def learner(kube: Kube, s3: S3Info, operator: OperatorProcess, uid: str) -> Iterator[LearnerHandle]:
+    name = f"learner-{uid}"
+    body = yaml.safe_load((REPO / "manifests" / "samples" / "learnernamespace-minimal.yaml").read_text())
+    body["metadata"]["name"] = name
+    body["spec"]["learnerId"] = f"l{uid}"
+    kube.kubectl("apply", "-f", "-", input=json.dumps(body))
+    kube.kubectl("wait", "--for=condition=Ready", f"lns/{name}", "--timeout=60s")
+    status = get(kube, "lns", name)["status"]
+    handle = LearnerHandle(kube, s3, name, f"l{uid}", status["namespace"], status["nsUid"])
+    handle.publish_adapter(1)
+    yield handle
+    kube.kubectl("delete", "lns", name, "--wait=false", check=False)
+    kube.kubectl("delete", "namespace", handle.namespace, "--wait=false", check=False)
+
+
+# ---- 1. provisioning -------------------------------------------------------------------------
+def test_learner_namespace_is_provisioned_isolated_and_ready(kube: Kube, learner: LearnerHandle,
+                                                             s3: S3Info) -> None:
+    ns = get(kube, "namespace", learner.namespace)
+    labels = ns["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert labels["privatefm.io/learner"] == learner.name and labels["privatefm.io/ns-uid"] == learner.ns_uid
+    assert "ownerReferences" not in ns["metadata"], "a CRD reinstall must never cascade-delete learners"
+
+    netpol = get(kube, "networkpolicy", "privatefm-isolation", "-n", learner.namespace)["spec"]
+    assert netpol["podSelector"] == {} and sorted(netpol["policyTypes"]) == ["Egress", "Ingress"]
+    assert netpol.get("ingress", []) == []
+    ports = {(p["protocol"], p["port"]) for rule in netpol["egress"] for p in rule["ports"]}
+    s3_port = int(s3.endpoint.rsplit(":", 1)[1])
+    assert ports == {("UDP", 53), ("TCP", 53), ("TCP", s3_port)}
+    assert {"ipBlock": {"cidr": "127.0.0.1/32"}} in [t for rule in netpol["egress"] for t in rule.get("to", [])]
+
+    quota = get(kube, "resourcequota", "privatefm-quota", "-n", learner.namespace)["spec"]["hard"]
+    assert quota["requests.nvidia.com/gpu"] == "0" and quota["pods"] == "4"
+    assert get(kube, "limitrange", "privatefm-limits", "-n", learner.namespace)
+    sa = get(kube, "serviceaccount", "privatefm-merge", "-n", learner.namespace)
+    assert sa["automountServiceAccountToken"] is False
+    secret = get(kube, "secret", "privatefm-s3", "-n", learner.namespace)
+    assert set(secret["data"]) == {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"}
+
+    cron = get(kube, "cronjob", "nightly-merge", "-n", learner.namespace)["spec"]
+    assert cron["schedule"] == "0 2 * * *" and cron["concurrencyPolicy"] == "Forbid"
+    job = cron["jobTemplate"]["spec"]
+    assert job["suspend"] is True and job["backoffLimit"] == 0
+    pod = job["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["automountServiceAccountToken"] is False and pod["serviceAccountName"] == "privatefm-merge"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert container["terminationMessagePath"] == "/dev/termination-log"
+    assert container["command"] == ["privatefm-merge", "pod"]
+
+    ready = next(c for c in learner.status()["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True" and ready["observedGeneration"] == 1
+    assert learner.status()["phase"] == "Ready"
+    assert learner.events("NamespaceCreated")
+
+
+# ---- 2. drift --------------------------------------------------------------------------------
+def test_drift_is_repaired(kube: Kube, learner: LearnerHandle) -> None:
+    ns = learner.namespace
+    uid_before = get(kube, "networkpolicy", "privatefm-isolation", "-n", ns)["metadata"]["uid"]
+    kube.kubectl("delete", "networkpolicy", "privatefm-isolation", "-n", ns)
+    restored = wait_for(lambda: get(kube, "networkpolicy", "privatefm-isolation", "-n", ns), 20,
+                        "the NetworkPolicy to come back")
+    assert restored["metadata"]["uid"] != uid_before
+
+    kube.kubectl("patch", "resourcequota", "privatefm-quota", "-n", ns, "--type=merge",
+                 "-p", json.dumps({"spec": {"hard": {"pods": "100"}}}))
+    wait_for(lambda: get(kube, "resourcequota", "privatefm-quota", "-n", ns)["spec"]["hard"]["pods"] == "4",
+             20, "the quota to be restored")
+
+
+# ---- 3. manual merges ------------------------------------------------------------------------
+def test_manual_merges_produce_verified_increasing_checkpoints(kube: Kube, learner: LearnerHandle,
+                                                               s3: S3Info) -> None:
+    from privatefm_merge.verify import verify_checkpoint
+
+    learner.request_merge("first")
+    am = learner.wait_merge("first")
+    assert am["status"]["phase"] == "Succeeded", am["status"]
+    assert am["status"]["targetVersion"] == 1 and am["status"]["reason"] == "Verified"
+    jobs = get(kube, "jobs", "-n", learner.namespace)["items"]
+    assert [j["metadata"]["name"] for j in jobs] == ["first"]
+    assert jobs[0]["metadata"]["ownerReferences"][0]["kind"] == "AdapterMerge"
+
+    uri = layout.s3_uri(s3.bucket, layout.checkpoint_prefix(learner.ns_uid, 1))
+    report = verify_checkpoint(uri, s3_client=s3.client())
+    assert report.ok and report.manifest is not None and report.manifest.version == 1
+    current = learner.status()["currentCheckpoint"]
+    assert current["version"] == 1 and current["uri"] == uri
+    assert current["manifestSha256"] == report.manifest_sha256 and current["baseVersion"] == 1
+    assert learner.events("MergeCompleted")
+
+    learner.publish_adapter(2)
+    learner.request_merge("second")
+    am = learner.wait_merge("second")
+    assert am["status"]["phase"] == "Succeeded" and am["status"]["targetVersion"] == 2
+    assert am["status"]["parentVersion"] == 1 and am["status"]["adapterSeq"] == 2
+    assert learner.checkpoint_version() == 2
+    row = kube.kubectl("get", "lns", learner.name, "--no-headers").stdout.split()
+    assert row[1:5] == [learner.learner_id, "Ready", "2", "0"]
+
+
+def test_concurrent_merges_never_share_a_version(learner: LearnerHandle) -> None:
+    names = [f"burst-{i}" for i in range(4)]
+    threads = [threading.Thread(target=learner.request_merge, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    results = [learner.wait_merge(n, timeout=240)["status"] for n in names]
+    versions = [r["targetVersion"] for r in results]
+    assert sorted(versions) == [1, 2, 3, 4], versions
+    assert all(r["phase"] == "Succeeded" for r in results), results
+    assert learner.checkpoint_version() == 4
+
+
+# ---- 4. scheduled merges ---------------------------------------------------------------------
+def test_cronjob_fires_and_records_a_scheduled_merge(kube: Kube, learner: LearnerHandle) -> None:
+    kube.kubectl("patch", "lns", learner.name, "--type=merge", "-p",
+                 json.dumps({"spec": {"merge": {"schedule": "* * * * *"}}}))
+    wait_for(lambda: get(kube, "cronjob", "nightly-merge", "-n", learner.namespace)["spec"]["schedule"]
+             == "* * * * *", 20, "the CronJob to take the new schedule")
+
+    def scheduled() -> list[dict[str, Any]]:
+        items = get(kube, "am", "-n", learner.namespace).get("items", [])
+        return [a for a in items if a["spec"]["trigger"] == "Scheduled"
+                and (a.get("status") or {}).get("phase") == "Succeeded"]
+
+    runs = wait_for(scheduled, 150, "a scheduled AdapterMerge to succeed", interval=2)
+    job = get(kube, "job", runs[0]["metadata"]["name"], "-n", learner.namespace)
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "CronJob"
+    assert runs[0]["status"]["targetVersion"] >= 1
+    assert (learner.checkpoint_version() or 0) >= runs[0]["status"]["targetVersion"]
+    kube.kubectl("patch", "lns", learner.name, "--type=merge", "-p",
+                 json.dumps({"spec": {"merge": {"suspend": True}}}))
+
+
+# ---- 5. failed merges ------------------------------------------------------------------------
+def test_bad_adapter_fails_with_reason_and_event(learner: LearnerHandle) -> None:
+    learner.request_merge("good")
+    assert learner.wait_merge("good")["status"]["phase"] == "Succeeded"
+    learner.publish_adapter(2, corrupt=True)
+    learner.request_merge("bad")
+    status = learner.wait_merge("bad")["status"]
+    assert status["phase"] == "Failed"
+    assert status["reason"] == "ShapeMismatch", status
+    assert status["message"]
+    stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "ShapeMismatch"
+    assert any("bad" in e["message"] or e["involvedObject"]["name"] == "bad" for e in learner.events("MergeFailed"))
+    assert learner.checkpoint_version() == 1
+    assert learner.status()["lastAssignedVersion"] == 2  # the failed run's version is never reused
+
+
+# ---- 6. tampered results ---------------------------------------------------------------------
+def test_tampered_checkpoint_is_never_accepted(learner: LearnerHandle, hooks: Hooks, s3: S3Info) -> None:
+    client = s3.client()
+
+    def flip_a_byte(pod: dict[str, Any], code: int) -> None:
+        prefix = layout.checkpoint_prefix(learner.ns_uid, 1)
+        key = next(o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix)["Contents"]
+                   if o["Key"].endswith(".safetensors"))
+        data = bytearray(client.get_object(Bucket=s3.bucket, Key=key)["Body"].read())
+        data[-1] ^= 0xFF
+        client.put_object(Bucket=s3.bucket, Key=key, Body=bytes(data))
+
+    hooks.by_namespace[learner.namespace] = flip_a_byte
+    try:
+        learner.request_merge("tampered")
+        status = learner.wait_merge("tampered")["status"]
+    finally:
+        hooks.by_namespace.pop(learner.namespace)
+    assert status["phase"] == "Failed" and status["reason"] == "VerificationFailed", status
+    assert ".safetensors" in status["message"]
+    assert learner.checkpoint_version() is None
+
+
+# ---- 7. restart during a merge ---------------------------------------------------------------
+def test_operator_killed_mid_merge_converges_without_duplicates(
+        kube: Kube, learner: LearnerHandle, hooks: Hooks, operator: OperatorProcess) -> None:
+    release = threading.Event()
+    hooks.by_namespace[learner.namespace] = lambda pod, code: release.wait(60)
+    try:
+        learner.request_merge("during-crash")
+        wait_for(lambda: (learner.merge("during-crash").get("status") or {}).get("phase") == "Running", 60,
+                 "the merge to be running")
+        operator.kill()
+        learner.request_merge("while-down")  # nobody is watching now
+        release.set()
+        time.sleep(2)
+        operator.start()
+        first, second = learner.wait_merge("during-crash"), learner.wait_merge("while-down")
+    finally:
+        hooks.by_namespace.pop(learner.namespace, None)
+        release.set()
+    assert first["status"]["phase"] == second["status"]["phase"] == "Succeeded"
+    assert {first["status"]["targetVersion"], second["status"]["targetVersion"]} == {1, 2}
+    jobs = sorted(j["metadata"]["name"] for j in get(kube, "jobs", "-n", learner.namespace)["items"])
+    assert jobs == ["during-crash", "while-down"]
+    ams = sorted(a["metadata"]["name"] for a in get(kube, "am", "-n", learner.namespace)["items"])
+    assert ams == ["during-crash", "while-down"]
+    assert learner.checkpoint_version() == 2
+
+
+# ---- 8. metrics ------------------------------------------------------------------------------
+def test_metrics_count_what_happened(kube: Kube, learner: LearnerHandle, operator: OperatorProcess) -> None:
+    ok_key = 'privatefm_merge_operations_total{result="succeeded",trigger="Manual"}'
+    bad_key = 'privatefm_merge_operations_total{result="failed",trigger="Manual"}'
+    before = operator.metrics()
+    learner.request_merge("counted-ok")
+    assert learner.wait_merge("counted-ok")["status"]["phase"] == "Succeeded"
+    learner.publish_adapter(2, corrupt=True)
+    learner.request_merge("counted-bad")
+    assert learner.wait_merge("counted-bad")["status"]["phase"] == "Failed"
+    after = operator.metrics()
+    assert after[ok_key] - before.get(ok_key, 0) == 1
+    assert after[bad_key] - before.get(bad_key, 0) == 1
+    assert after["privatefm_merge_duration_seconds_count"] - before.get("privatefm_merge_duration_seconds_count", 0) \
+        == 2
+    assert after["privatefm_checkpoint_size_bytes_count"] - before.get("privatefm_checkpoint_size_bytes_count", 0) == 1
+    size = learner.status()["currentCheckpoint"]["sizeBytes"]
+    assert after["privatefm_checkpoint_size_bytes_sum"] - before.get("privatefm_checkpoint_size_bytes_sum", 0) == size
+    live = len(get(kube, "lns")["items"])
+    assert after["privatefm_learner_namespaces"] == live
+    assert 'privatefm_fallback_operations_total{result="completed"}' in after
+    assert any(k.startswith("privatefm_reconcile_duration_seconds_count") for k in after)
+
+
+# ---- 9. least privilege ----------------------------------------------------------------------
+def test_merge_service_account_has_no_api_rights(kube: Kube, learner: LearnerHandle) -> None:
+    sa = f"system:serviceaccount:{learner.namespace}:privatefm-merge"
+    groups = ("system:serviceaccounts", f"system:serviceaccounts:{learner.namespace}", "system:authenticated")
+    for verb in ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"):
+        for resource in ("pods", "secrets", "configmaps", "jobs.batch", "serviceaccounts",
+                         "learnernamespaces.privatefm.io", "adaptermerges.privatefm.io", "namespaces"):
+            answer = kube.kubectl("auth", "can-i", verb, resource, "-n", learner.namespace, as_user=sa,
+                                  as_groups=groups, check=False).stdout.strip()
+            assert answer == "no", f"merge pods may {verb} {resource}"
