@@ -269,9 +269,12 @@ class _BufferPool:
         self._free: queue.Queue[bytearray] = queue.Queue()
         for _ in range(count):
             self._free.put(bytearray())
+        self.wait_seconds = 0.0  # time the reader waited for the writer: the writer is the bottleneck
 
     def take(self, size: int) -> bytearray:
+        started = time.perf_counter()
         buffer = self._free.get()  # waits while the writer holds them all
+        self.wait_seconds += time.perf_counter() - started
         return buffer if len(buffer) >= size else bytearray(size)
 
     def give(self, buffer: bytearray) -> None:
@@ -340,6 +343,7 @@ class _Merger:
         self.tensors = _BufferPool(2)  # adapted tensors: one being merged, one being written
         self.workspace = Workspace()
         self.compute_seconds = 0.0
+        self.read_seconds = 0.0
         self.bytes_done = 0
         self.total_bytes = sum(s.header.file_size for s in plan.shards)
         self._last_progress = time.monotonic()
@@ -389,7 +393,7 @@ class _Merger:
                     buffer = self.tensors.take(info.nbytes)
                     view = memoryview(buffer)[: info.nbytes]
                     try:
-                        _read_exact_into(stream, view)
+                        self._read(stream, view)
                         self._merge_tensor(view, tensor_plan, info.dtype, info.shape)
                     except BaseException:
                         self.tensors.give(buffer)
@@ -407,13 +411,18 @@ class _Merger:
             stream.close()
         return digest
 
+    def _read(self, stream: ReadStream, view: memoryview) -> None:
+        started = time.perf_counter()
+        _read_exact_into(stream, view)
+        self.read_seconds += time.perf_counter() - started
+
     def _copy(self, stream: ReadStream, writer: _BackgroundWriter, size: int) -> None:
         while size > 0:
             n = min(size, COPY_CHUNK)
             buffer = self.chunks.take(COPY_CHUNK)
             view = memoryview(buffer)[:n]
             try:
-                _read_exact_into(stream, view)
+                self._read(stream, view)
             except BaseException:
                 self.chunks.give(buffer)
                 raise
@@ -519,6 +528,8 @@ def merge_checkpoint(base_uri: str, adapter_uri: str, output_uri: str, options: 
         files = merger.run()
         timings["stream_seconds"] = time.perf_counter() - stream_started
         timings["compute_seconds"] = merger.compute_seconds
+        timings["read_seconds"] = merger.read_seconds
+        timings["wait_for_writer_seconds"] = merger.chunks.wait_seconds + merger.tensors.wait_seconds
 
         commit_started = time.perf_counter()
         entries = [FileEntry(name=d.name, size=d.size, sha256=d.sha256) for d in files]

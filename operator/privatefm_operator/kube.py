@@ -6,7 +6,6 @@ what is missing and restores what drifted, and is a no-op when nothing changed.
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from datetime import UTC, datetime
@@ -57,16 +56,12 @@ class Kube:
 
     def _call(self, method: str, path: str, body: Any = None, query: list[tuple[str, str]] | None = None,
               content_type: str = "application/json") -> Any:
-        method, url, headers, payload, _ = self.api.param_serialize(
-            method=method, resource_path=path, query_params=query or [], body=body,
+        return self.api.call_api(
+            path, method, query_params=query or [], body=body,
             header_params={"Content-Type": content_type, "Accept": "application/json"},
-            auth_settings=["BearerToken"])
-        response = self.api.call_api(method, url, header_params=headers, body=payload)
-        response.read()
-        if not 200 <= response.status < 300:
-            raise ApiException(status=response.status, reason=response.reason,
-                               body=response.data.decode(errors="replace") if response.data else None)
-        return json.loads(response.data) if response.data else {}
+            response_types_map={200: "object", 201: "object"}, auth_settings=["BearerToken"],
+            _return_http_data_only=True,
+        )
 
     def get(self, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
         try:

@@ -229,3 +229,20 @@ def read_tensors_s3(client: Any, bucket: str, key_prefix: str, directory: Path) 
         if item["Key"].endswith(".safetensors"):
             client.download_file(bucket, item["Key"], str(directory / item["Key"].rsplit("/", 1)[1]))
     return read_tensors(directory)
+
+
+def test_clone_base_to_a_learner_checkpoint_server_side(s3: Any, prefix: str, tiny: Path) -> None:
+    """The fallback re-clone: the latest base, copied by the S3 server, committed as a new version."""
+    from privatefm_merge.seal import clone_checkpoint
+
+    client = s3.client()
+    base_uri = f"s3://{s3.bucket}/{prefix}/base/tiny/v2"
+    upload_dir(client, s3.bucket, f"{prefix}/base/tiny/v2", tiny / "base")
+    _, base_sha = seal_checkpoint(base_uri, version=2, s3_client=client)
+    target = f"s3://{s3.bucket}/{prefix}/learners/u3/checkpoints/v5"
+    manifest, digest = clone_checkpoint(base_uri, target, version=5, parent_version=4, base_model="tiny",
+                                        base_version=2, s3_client=client)
+    report = verify_checkpoint(target, s3_client=client)
+    assert report.ok and report.manifest_sha256 == digest
+    assert manifest.base is not None and manifest.base.manifest_sha256 == base_sha
+    assert sorted(f.name for f in manifest.files) == sorted(p.name for p in (tiny / "base").iterdir())

@@ -133,3 +133,23 @@ def test_cli_verify(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> Non
     (checkpoint / "manifest.json").unlink()
     assert main(["verify", str(checkpoint)]) == 1
     assert NO_MANIFEST in capsys.readouterr().err
+
+
+def test_clone_checkpoint(merged: Path, tmp_path: Path) -> None:
+    from privatefm_merge.errors import MergeError
+    from privatefm_merge.seal import clone_checkpoint
+
+    manifest, digest = clone_checkpoint(str(merged / "out"), str(tmp_path / "v8"), version=8, parent_version=7,
+                                        base_model="tiny", base_version=3)
+    report = verify_checkpoint(str(tmp_path / "v8"))
+    assert report.ok and report.manifest_sha256 == digest
+    assert manifest.base is not None and manifest.base.uri == str(merged / "out")
+    assert manifest.base.manifest_sha256 == hashlib.sha256((merged / "out/manifest.json").read_bytes()).hexdigest()
+    assert (manifest.version, manifest.parent_version, manifest.adapter) == (8, 7, None)
+    with pytest.raises(MergeError, match=r"already has a manifest\.json"):
+        clone_checkpoint(str(merged / "out"), str(tmp_path / "v8"))
+    with pytest.raises(MergeError, match="source version does not exist"):
+        clone_checkpoint(str(tmp_path / "nothing"), str(tmp_path / "v9"))
+    with pytest.raises(MergeError, match="base/ prefix"):
+        clone_checkpoint(str(merged / "out"), str(tmp_path / "base/x/v2"))
+    assert not (tmp_path / "v9").exists() and not (tmp_path / "base").exists()

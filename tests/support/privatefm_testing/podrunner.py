@@ -89,7 +89,7 @@ class PodRunner:
         node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE, "labels": {
             "kubernetes.io/hostname": NODE, "privatefm.io/local-runner": "true"}}}
         with contextlib.suppress(ApiException):
-            self.core.create_node(node)  # type: ignore[arg-type]
+            self.core.create_node(node)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -211,7 +211,7 @@ class PodRunner:
                 "target": {"apiVersion": "v1", "kind": "Node", "name": NODE}}
         # The client cannot read a Binding back (its target is required but not returned).
         with contextlib.suppress(ValueError):
-            self.core.create_namespaced_binding(ns, body)  # type: ignore[arg-type]
+            self.core.create_namespaced_binding(ns, body)
 
     def _mounts(self, pod: dict[str, Any], container: dict[str, Any], root: Path) -> dict[str, Path]:
         """Mount path -> local directory, for emptyDir volumes and the termination-message file."""

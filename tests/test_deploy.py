@@ -1,0 +1,412 @@
+"""How the operator is installed: manifests/ (kustomize), the Helm chart and Dockerfile.operator.
+
+Rendering and linting use the real kubectl and helm; the cluster tests hand the result to the real
+API server (RBAC, Pod Security admission, CRD validation). No Pod ever runs here: there is no kubelet.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import re
+import shlex
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import Kube
+from privatefm_operator.settings import Settings
+from privatefm_testing.cluster import BIN
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFESTS = REPO / "manifests"
+CHART = REPO / "charts" / "privatefm-operator"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+SOURCES = ["manifests", "chart"]
+SECRET_SETTINGS = {"s3_access_key", "s3_secret_key"}
+# Values that are Kubernetes objects, documented as a whole rather than key by key.
+K8S_VALUES = {"resources", "podSecurityContext", "securityContext"}
+
+
+def run(*cmd: str | Path, env: dict[str, str] | None = None, check: bool = True,
+        input: str | None = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([str(c) for c in cmd], env=env, text=True, capture_output=True, input=input,
+                          timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{shlex.join(str(c) for c in cmd)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def load_all(text: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+@functools.cache
+def _kustomized() -> str:
+    return run(BIN / "kubectl", "kustomize", MANIFESTS).stdout
+
+
+@functools.cache
+def _helm_template(*args: str) -> str:
+    return run(BIN / "helm", "template", "privatefm-operator", CHART, "--namespace", "privatefm-system",
+               *args).stdout
+
+
+def rendered(source: str, *helm_args: str) -> list[dict[str, Any]]:
+    """What `kubectl kustomize manifests` or `helm template` (release privatefm-operator) produce."""
+    return load_all(_kustomized() if source == "manifests" else _helm_template(*helm_args))
+
+
+def of_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def one(objs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = of_kind(objs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {[o['metadata']['name'] for o in found]}"
+    return found[0]
+
+
+def grants(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    """A role's rules as (apiGroup, resource, verb) triples, so differently grouped rules compare equal."""
+    return {(group, resource, verb)
+            for rule in role["rules"]
+            for group in rule.get("apiGroups", [])
+            for resource in rule.get("resources", [])
+            for verb in rule.get("verbs", [])}
+
+
+def roles_by_part(objs: list[dict[str, Any]]) -> dict[str, set[tuple[str, str, str]]]:
+    """{"framework": ..., "application": ...} from the rendered ClusterRoles, whatever their prefix."""
+    return {role["metadata"]["name"].rsplit("-", 1)[1]: grants(role) for role in of_kind(objs, "ClusterRole")}
+
+
+# ---- RBAC ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_rbac_grants_no_wildcard(source: str) -> None:
+    objs = rendered(source)
+    roles = of_kind(objs, "ClusterRole") + of_kind(objs, "Role")
+    assert sorted(roles_by_part(objs)) == ["application", "framework"]
+    for role in roles:
+        for rule in role["rules"]:
+            assert "nonResourceURLs" not in rule, rule
+            for field in ("apiGroups", "resources", "verbs", "resourceNames"):
+                assert not [v for v in rule.get(field, []) if "*" in v], (role["metadata"]["name"], rule)
+            assert rule["verbs"] and rule["resources"], rule
+
+
+def test_rbac_is_the_same_in_manifests_and_chart() -> None:
+    from_manifests = roles_by_part(rendered("manifests"))
+    from_chart = roles_by_part(rendered("chart"))
+    for part in ("framework", "application"):
+        assert from_manifests[part] == from_chart[part], (
+            part, sorted(from_manifests[part] ^ from_chart[part]))
+
+
+def test_rbac_covers_every_resource_the_operator_calls() -> None:
+    """Each kind privatefm_operator.kube talks to is granted; Events need create, the rest get."""
+    from privatefm_operator.kube import RESOURCES
+
+    granted = set().union(*roles_by_part(rendered("manifests")).values())
+    for kind, (prefix, plural, _namespaced) in RESOURCES.items():
+        group = "" if prefix == "/api/v1" else prefix.split("/")[2]
+        verb = "create" if kind == "Event" else "get"
+        assert (group, plural, verb) in granted, kind
+    for status in ("learnernamespaces/status", "adaptermerges/status"):
+        assert ("privatefm.io", status, "patch") in granted
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_bindings_tie_both_roles_to_the_operator_service_account(source: str) -> None:
+    objs = rendered(source)
+    account = one(objs, "ServiceAccount")["metadata"]
+    roles = {r["metadata"]["name"] for r in of_kind(objs, "ClusterRole")}
+    bindings = of_kind(objs, "ClusterRoleBinding")
+    assert {b["roleRef"]["name"] for b in bindings} == roles
+    for binding in bindings:
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["name"],
+                                        "namespace": account["namespace"]}]
+    pod = one(objs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == account["name"]
+
+
+# ---- the operator's Pod and settings ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_deployment_runs_one_hardened_operator(source: str) -> None:
+    objs = rendered(source)
+    deployment = one(objs, "Deployment")
+    assert deployment["metadata"]["namespace"] == "privatefm-system"
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 65532
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                            "capabilities": {"drop": ["ALL"]}}
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    assert container["ports"] == [{"name": "http-metrics", "containerPort": 8080, "protocol": "TCP"}]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")
+    assert "emptyDir" in tmp
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+    # The Pod reads the ConfigMap and Secret that ship beside it.
+    assert container["envFrom"] == [{"configMapRef": {"name": one(objs, "ConfigMap")["metadata"]["name"]}}]
+    secret = one(objs, "Secret")["metadata"]["name"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    assert refs == {"PRIVATEFM_S3_ACCESS_KEY": {"name": secret, "key": "accessKey"},
+                    "PRIVATEFM_S3_SECRET_KEY": {"name": secret, "key": "secretKey"}}
+    service = one(objs, "Service")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"][0]["name"] == "http-metrics"
+    assert service["spec"]["ports"][0]["port"] == 8080
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_config_is_every_setting_at_its_default_and_the_same_in_both() -> None:
+    """The ConfigMaps name real settings (a typo would be silently ignored) and ship the code's defaults."""
+    manifests = one(rendered("manifests"), "ConfigMap")["data"]
+    chart = one(rendered("chart"), "ConfigMap")["data"]
+    assert manifests == chart
+    fields = {key.removeprefix("PRIVATEFM_").lower(): value for key, value in manifests.items()}
+    assert all(key.startswith("PRIVATEFM_") for key in manifests)
+    assert set(fields) == set(Settings.model_fields) - SECRET_SETTINGS
+    shipped = Settings(**fields).model_dump()
+    defaults = {name: field.default for name, field in Settings.model_fields.items()}
+    assert shipped == defaults
+
+
+def test_chart_settings_follow_values() -> None:
+    data = one(rendered("chart", "--set", "merge.cpu=4", "--set", "resyncSeconds=30.5",
+                        "--set", "mergeImage.digest=sha256:" + "a" * 64), "ConfigMap")["data"]
+    assert data["PRIVATEFM_MERGE_CPU"] == "4"
+    assert data["PRIVATEFM_RESYNC_SECONDS"] == "30.5"
+    assert data["PRIVATEFM_MERGE_IMAGE"] == "ghcr.io/privatefm/merge@sha256:" + "a" * 64
+
+
+def test_chart_uses_an_existing_secret_instead_of_rendering_one() -> None:
+    objs = rendered("chart", "--set", "s3.existingSecret=my-s3")
+    assert not of_kind(objs, "Secret")
+    env = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in env} == {"my-s3"}
+
+
+def test_service_monitor_only_when_enabled() -> None:
+    assert not of_kind(rendered("chart"), "ServiceMonitor")
+    objs = rendered("chart", "-f", str(CHART / "ci" / "servicemonitor-values.yaml"))
+    monitor = one(objs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["endpoints"][0]["port"] == one(objs, "Service")["spec"]["ports"][0]["name"]
+    assert monitor["spec"]["selector"]["matchLabels"] == one(objs, "Service")["spec"]["selector"]
+
+
+# ---- CRDs in the chart -----------------------------------------------------------------------
+
+
+def test_chart_crds_are_the_generated_ones_and_kept() -> None:
+    generated = {p.name: p.read_text() for p in sorted((REPO / "crds").glob("privatefm.io_*.yaml"))}
+    copies = {p.name: p.read_text() for p in sorted((CHART / "files" / "crds").glob("*.yaml"))}
+    assert copies == generated, "charts/privatefm-operator/files/crds/ is stale: run privatefm-crdgen"
+
+    crds = {c["metadata"]["name"]: c for c in of_kind(rendered("chart"), "CustomResourceDefinition")}
+    assert len(crds) == len(generated) == 2
+    for text in generated.values():
+        expected = yaml.safe_load(text)
+        got = copy.deepcopy(crds[expected["metadata"]["name"]])
+        assert got["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
+        assert got["metadata"].pop("labels")["app.kubernetes.io/managed-by"] == "Helm"
+        assert got == expected
+
+    unkept = of_kind(rendered("chart", "--set", "crds.keep=false"), "CustomResourceDefinition")
+    assert unkept and not any(c["metadata"].get("annotations") for c in unkept)
+    assert not of_kind(rendered("chart", "--set", "crds.enabled=false"), "CustomResourceDefinition")
+
+
+# ---- chart hygiene ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
+def test_helm_lint_strict(values: Path) -> None:
+    run(BIN / "helm", "lint", "--strict", CHART, "-f", values)
+
+
+def test_ci_scenarios_exist() -> None:
+    assert {p.name for p in CI_VALUES} >= {"default-values.yaml", "no-crds-values.yaml",
+                                            "servicemonitor-values.yaml"}
+
+
+@pytest.mark.parametrize("typo", ["imagee.tag=x", "s3.bukcet=x", "crds.keeep=false",
+                                  "podSecurityContext.runAsUsr=1", "serviceMonitor.enable=true",
+                                  "resources.request.cpu=1", "tolerations[0].efect=NoSchedule"])
+def test_schema_rejects_a_typo_in_set(typo: str) -> None:
+    proc = run(BIN / "helm", "template", "x", CHART, "--set", typo, check=False)
+    assert proc.returncode != 0
+    assert "additional properties" in proc.stderr, proc.stderr
+
+
+def test_schema_accepts_the_documented_keys() -> None:
+    run(BIN / "helm", "template", "x", CHART, "--set", "image.tag=x", "--set", "podSecurityContext.runAsUser=1000",
+        "--set", "tolerations[0].effect=NoSchedule", "--set", "nodeSelector.pool=ops")
+
+
+def test_schema_closes_every_object() -> None:
+    """additionalProperties is false wherever properties are listed, and explicit on every other object."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert (CHART / "values.schema.json").read_text().count('"additionalProperties": false') > 20
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            if "properties" in node:
+                assert node.get("additionalProperties") is False, path
+            elif node.get("type") == "object":
+                assert "additionalProperties" in node, path
+            for key, child in node.items():
+                walk(child, f"{path}/{key}")
+        elif isinstance(node, list):
+            for i, child in enumerate(node):
+                walk(child, f"{path}/{i}")
+
+    walk(schema, "")
+
+
+def documented_values() -> list[tuple[str, bool]]:
+    """(dotted key, whether a comment is right above it) for every key of values.yaml, in order."""
+    out: list[tuple[str, bool]] = []
+    stack: list[str] = []
+    previous = ""
+    for line in (CHART / "values.yaml").read_text().splitlines():
+        match = re.match(r"^( *)([A-Za-z0-9_]+):", line)
+        if match:
+            stack = [*stack[: len(match.group(1)) // 2], match.group(2)]
+            out.append((".".join(stack), previous.lstrip().startswith("#")))
+        if line.strip():
+            previous = line
+    return out
+
+
+def test_every_value_is_documented_in_values_and_readme() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    readme = (CHART / "README.md").read_text()
+
+    def lookup(path: str) -> Any:
+        node = values
+        for key in path.split("."):
+            node = node[key]
+        return node
+
+    for path, commented in documented_values():
+        if path.split(".")[0] in K8S_VALUES and "." in path:
+            continue  # documented as a whole object
+        if isinstance(lookup(path), dict) and lookup(path) and path not in K8S_VALUES:
+            continue  # a section; its keys are documented one by one
+        assert commented, f"values.yaml: {path} has no comment"
+        assert f"| `{path}` |" in readme, f"README.md: {path} missing from the values table"
+
+
+# ---- the image -------------------------------------------------------------------------------
+
+
+def test_dockerfile_runs_the_operator_as_non_root() -> None:
+    lines = (REPO / "Dockerfile.operator").read_text().replace("\\\n", " ").splitlines()
+    instructions = [line.split(None, 1) for line in lines if line.strip() and not line.startswith("#")]
+    by_name: dict[str, list[str]] = {}
+    for name, *rest in instructions:
+        by_name.setdefault(name.upper(), []).append(rest[0] if rest else "")
+    assert by_name["FROM"][-1].startswith("python:3.11-slim")
+    assert json.loads(by_name["ENTRYPOINT"][-1]) == ["privatefm-operator"]
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert "privatefm-operator" in scripts
+    assert by_name["USER"][-1].split(":")[0] == "65532"
+    assert by_name["EXPOSE"] == ["8080"]
+    assert any(re.search(r"pip install .*-c requirements\.lock \.$", r) for r in by_name["RUN"])
+    for copy_args in by_name["COPY"]:
+        if copy_args.startswith("--from"):
+            continue
+        *sources, _dest = copy_args.split()
+        for source in sources:
+            assert list(REPO.glob(source)) or "[" in source, f"COPY {source}: not in the repository"
+
+
+# ---- against the real API server -------------------------------------------------------------
+
+
+@pytest.mark.cluster
+def test_kustomize_is_accepted_by_the_api_server(kube: Kube) -> None:
+    """`kubectl apply -k manifests` passes server-side validation and Pod Security "restricted"."""
+    created = kube.kubectl("get", "namespace", "privatefm-system", check=False).returncode != 0
+    # A dry run cannot create the namespace the other objects go into, so that one is real.
+    kube.kubectl("apply", "-f", str(MANIFESTS / "namespace.yaml"))
+    try:
+        proc = kube.kubectl("apply", "--dry-run=server", "-k", str(MANIFESTS))
+        assert "(server dry run)" in proc.stdout
+        assert "PodSecurity" not in proc.stderr, proc.stderr
+        assert "deployment.apps/privatefm-operator" in proc.stdout
+    finally:
+        if created:
+            kube.kubectl("delete", "namespace", "privatefm-system", "--wait=false", check=False)
+
+
+@pytest.mark.cluster
+def test_chart_crds_are_accepted_by_the_api_server(kube: Kube) -> None:
+    crds = of_kind(rendered("chart"), "CustomResourceDefinition")
+    proc = kube.kubectl("apply", "--dry-run=server", "-f", "-",
+                        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": crds}))
+    assert proc.stdout.count("(server dry run)") == 2
+
+
+def pod_from(deployment: dict[str, Any], name: str) -> dict[str, Any]:
+    template = deployment["spec"]["template"]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {**template["metadata"], "name": name},
+            "spec": template["spec"]}
+
+
+@pytest.mark.cluster
+def test_helm_install_is_restricted_and_least_privilege(kube: Kube, namespace: str, uid: str) -> None:
+    """A real `helm install` and `helm uninstall` (CRDs stay shared: crds.enabled=false)."""
+    kube.kubectl("apply", "-k", str(REPO / "crds"))  # shared, as in test_api; `auth can-i` needs the types
+    kube.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted",
+                 "pod-security.kubernetes.io/warn=restricted")
+    release = f"pfm-{uid}"
+    helm = (BIN / "helm", "--kubeconfig", kube.kubeconfig, "--namespace", namespace)
+    proc = run(*helm, "install", release, CHART, "-f", CHART / "ci" / "default-values.yaml",
+               "--set", "crds.enabled=false", env=kube.env())
+    try:
+        assert "STATUS: deployed" in proc.stdout
+        assert "PodSecurity" not in proc.stderr, proc.stderr
+        deployment = json.loads(kube.kubectl("-n", namespace, "get", "deployment", release + "-privatefm-operator",
+                                             "-o", "json").stdout)
+
+        # Pod Security is enforced on Pods, not on Deployments: the Deployment's Pod must be admitted
+        # in a namespace enforcing "restricted", and a privileged variant must not (the check bites).
+        pod = pod_from(deployment, f"restricted-{uid}")
+        kube.kubectl("-n", namespace, "create", "--dry-run=server", "-f", "-", input=json.dumps(pod))
+        privileged = copy.deepcopy(pod)
+        privileged["spec"]["containers"][0]["securityContext"] = {"privileged": True}
+        denied = kube.kubectl("-n", namespace, "create", "--dry-run=server", "-f", "-",
+                              input=json.dumps(privileged), check=False)
+        assert denied.returncode != 0 and "violates PodSecurity" in denied.stderr, denied.stderr
+
+        # The ServiceAccount can do its job and nothing beyond it.
+        account = f"system:serviceaccount:{namespace}:{deployment['spec']['template']['spec']['serviceAccountName']}"
+        can = {"watch learnernamespaces.privatefm.io": True, "patch adaptermerges.privatefm.io/status": True,
+               "create jobs.batch -n elsewhere": True, "create networkpolicies.networking.k8s.io -n x": True,
+               "create events -n default": True, "delete secrets -n elsewhere": False,
+               "create pods -n elsewhere": False, "get nodes": False, "delete learnernamespaces.privatefm.io": False,
+               "create clusterroles.rbac.authorization.k8s.io": False}
+        for question, expected in can.items():
+            answer = kube.kubectl("auth", "can-i", *question.split(), f"--as={account}", check=False)
+            assert (answer.stdout.strip() == "yes") is expected, (question, answer.stderr)
+    finally:
+        run(*helm, "uninstall", release, env=kube.env())
+    left = kube.kubectl("get", "clusterrole", f"{release}-privatefm-operator-framework", check=False)
+    assert left.returncode != 0 and "NotFound" in left.stderr
