@@ -8,18 +8,15 @@ neither fixture and need no server.
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
-from privatefm_testing.cluster import BIN, LocalCluster, S3Info, pid_alive
+from privatefm_testing.cluster import LocalCluster, S3Info, pid_alive
+from privatefm_testing.kube import Kube
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,49 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--cluster", choices=["local", "kind"], default="local",
                      help="where the Kubernetes tests run: a local control plane (default) or kind")
-
-
-@dataclass
-class Kube:
-    """A reachable cluster: admin kubeconfig plus helpers to act as other users."""
-
-    kubeconfig: Path
-    workdir: Path
-    local: LocalCluster | None = None
-
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PATH": f"{BIN}:{os.environ['PATH']}"}
-
-    def kubectl(self, *args: str, check: bool = True, input: str | None = None,
-                as_user: str | None = None, as_groups: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
-        cmd = [str(BIN / "kubectl"), *args]
-        if as_user:
-            cmd += [f"--as={as_user}", *(f"--as-group={g}" for g in as_groups)]
-        proc = subprocess.run(cmd, env=self.env(), text=True, capture_output=True, input=input, timeout=120)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
-        return proc
-
-    def kubeconfig_as(self, user: str, groups: tuple[str, ...] = ()) -> Path:
-        """A kubeconfig that impersonates ``user`` (and ``groups``) for authorization tests."""
-        config = yaml.safe_load(self.kubeconfig.read_text())
-        for entry in config["users"]:
-            entry["user"]["as"] = user
-            if groups:
-                entry["user"]["as-groups"] = list(groups)
-        path = self.workdir / f"as-{user.replace(':', '_')}.kubeconfig"
-        path.write_text(yaml.safe_dump(config))
-        return path
-
-    def api_client(self, as_user: str | None = None, as_groups: tuple[str, ...] = ()) -> Any:
-        from kubernetes import config
-
-        api = config.new_client_from_config(str(self.kubeconfig))
-        if as_user:
-            api.set_default_header("Impersonate-User", as_user)
-            for group in as_groups:  # the client sends one header; enough for one group
-                api.set_default_header("Impersonate-Group", group)
-        return api
 
 
 def _docker_engine_reason() -> str | None:

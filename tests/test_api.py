@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import Kube
 from privatefm_operator import crdgen
 from privatefm_operator.api import AdapterMerge, LearnerNamespace
+from privatefm_testing.kube import Kube
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "manifests" / "samples"

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import Kube
 from privatefm_operator.settings import Settings
 from privatefm_testing.cluster import BIN
+from privatefm_testing.kube import Kube
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Kube
 from privatefm_testing.cluster import BIN, LocalCluster, pid_alive
+from privatefm_testing.kube import Kube
 
 pytestmark = pytest.mark.cluster
 

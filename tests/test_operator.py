@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import Kube
 from privatefm_merge import layout
 from privatefm_testing import seed
 from privatefm_testing.cluster import S3Info
+from privatefm_testing.kube import Kube
 from privatefm_testing.operator_proc import OperatorProcess
 from privatefm_testing.podrunner import PodRunner
 
