@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -371,6 +372,17 @@ def test_metrics_count_what_happened(kube: Kube, learner: LearnerHandle, operato
     assert after["privatefm_learner_namespaces"] == live
     assert 'privatefm_fallback_operations_total{result="completed"}' in after
     assert any(k.startswith("privatefm_reconcile_duration_seconds_count") for k in after)
+
+
+def test_probes_and_structured_logs(operator: OperatorProcess, learner: LearnerHandle) -> None:
+    for path in ("/healthz", "/readyz"):
+        assert urllib.request.urlopen(operator.url + path, timeout=5).status == 200
+    lines = operator.log_path.read_text().splitlines()
+    assert lines, "the operator logged nothing"
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert {"ts", "level", "logger", "msg"} <= set(records[-1])
+    created = [r for r in records if r["msg"] == "namespace created" and r.get("learner") == learner.name]
+    assert created and created[0]["namespace"] == learner.namespace
 
 
 # ---- 9. least privilege ----------------------------------------------------------------------
