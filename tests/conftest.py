@@ -72,11 +72,19 @@ def kube(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture(scope="session")
-def s3(request: pytest.FixtureRequest) -> S3Info:
-    """The real S3 server (versitygw) with the test bucket."""
-    cluster: LocalCluster = request.getfixturevalue("local_cluster")
-    assert cluster.state is not None
-    return cluster.state.s3
+def s3(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Info]:
+    """The real S3 server (versitygw) with the test bucket; beside a kind cluster it runs alone."""
+    if request.config.getoption("--cluster") == "local":
+        cluster: LocalCluster = request.getfixturevalue("local_cluster")
+        assert cluster.state is not None
+        yield cluster.state.s3
+        return
+    server = LocalCluster(tmp_path_factory.mktemp("s3"), kubernetes=False)
+    state = server.start()
+    try:
+        yield state.s3
+    finally:
+        server.stop()
 
 
 @pytest.fixture

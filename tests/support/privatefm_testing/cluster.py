@@ -127,7 +127,9 @@ class ClusterState:
 class LocalCluster:
     """etcd + kube-apiserver + kube-controller-manager + versitygw on 127.0.0.1."""
 
-    def __init__(self, directory: Path, bucket: str = "privatefm") -> None:
+    def __init__(self, directory: Path, bucket: str = "privatefm", kubernetes: bool = True) -> None:
+        """``kubernetes=False`` starts only the S3 server (for a kind cluster, which brings its own)."""
+        self.kubernetes = kubernetes
         self.dir = directory.resolve()
         self.bucket = bucket
         self.bin = BIN
@@ -145,14 +147,18 @@ class LocalCluster:
         if not sa_key.exists():
             subprocess.run(["openssl", "genrsa", "-out", str(sa_key), "2048"], check=True, capture_output=True)
         try:
-            self._start_etcd()
-            server = self._start_apiserver(sa_key, timeout)
+            server, kubeconfig = "", Path()
+            if self.kubernetes:
+                self._start_etcd()
+                server = self._start_apiserver(sa_key, timeout)
             s3 = self._start_s3()
-            self._wait_apiserver(server, token, timeout)
-            kubeconfig = self._write_kubeconfig(server, token)
+            if self.kubernetes:
+                self._wait_apiserver(server, token, timeout)
+                kubeconfig = self._write_kubeconfig(server, token)
             self.state = ClusterState(dir=str(self.dir), server=server, token=token,
                                       kubeconfig=str(kubeconfig), s3=s3, pids={})
-            self._start_controller_manager(kubeconfig, sa_key, timeout)
+            if self.kubernetes:
+                self._start_controller_manager(kubeconfig, sa_key, timeout)
             self._create_bucket(timeout)
             self.state.pids = {name: p.pid for name, p in self._procs.items()}
             self.state.save()
