@@ -300,6 +300,44 @@ def test_bad_adapter_fails_with_reason_and_event(learner: LearnerHandle) -> None
     assert learner.status()["lastAssignedVersion"] == 2  # the failed run's version is never reused
 
 
+def test_merge_without_adapter_fails_clearly(kube: Kube, operator: OperatorProcess, s3: S3Info, uid: str) -> None:
+    body = yaml.safe_load((REPO / "manifests" / "samples" / "learnernamespace-minimal.yaml").read_text())
+    body["metadata"]["name"] = f"noadapter-{uid}"
+    body["spec"]["learnerId"] = f"n{uid}"
+    kube.kubectl("apply", "-f", "-", input=json.dumps(body))
+    try:
+        kube.kubectl("wait", "--for=condition=Ready", f"lns/noadapter-{uid}", "--timeout=60s")
+        status = get(kube, "lns", f"noadapter-{uid}")["status"]
+        handle = LearnerHandle(kube, s3, f"noadapter-{uid}", f"n{uid}", status["namespace"], status["nsUid"])
+        handle.request_merge("too-early")
+        result = handle.wait_merge("too-early")["status"]
+        assert result["phase"] == "Failed" and result["reason"] == "NoAdapter", result
+        assert f"learners/{handle.ns_uid}/adapters/" in result["message"]
+        assert get(kube, "jobs", "-n", handle.namespace)["items"] == []  # nothing was started
+    finally:
+        kube.kubectl("delete", "lns", f"noadapter-{uid}", "--wait=false", check=False)
+
+
+def test_missing_base_model_stalls_the_learner_not_the_operator(kube: Kube, operator: OperatorProcess,
+                                                                 learner: LearnerHandle, uid: str) -> None:
+    body = yaml.safe_load((REPO / "manifests" / "samples" / "learnernamespace-minimal.yaml").read_text())
+    body["metadata"]["name"] = f"nobase-{uid}"
+    body["spec"]["learnerId"] = f"b{uid}"
+    body["spec"]["baseModel"] = {"name": "no-such-model"}
+    kube.kubectl("apply", "-f", "-", input=json.dumps(body))
+    try:
+        kube.kubectl("wait", "--for=condition=Stalled", f"lns/nobase-{uid}", "--timeout=60s")
+        status = get(kube, "lns", f"nobase-{uid}")["status"]
+        stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
+        assert stalled["reason"] == "BaseModelNotFound" and "no-such-model" in stalled["message"]
+        assert next(c for c in status["conditions"] if c["type"] == "Ready")["status"] == "False"
+        # The operator keeps serving everyone else.
+        learner.request_merge("still-works")
+        assert learner.wait_merge("still-works")["status"]["phase"] == "Succeeded"
+    finally:
+        kube.kubectl("delete", "lns", f"nobase-{uid}", "--wait=false", check=False)
+
+
 # ---- 6. tampered results ---------------------------------------------------------------------
 def test_tampered_checkpoint_is_never_accepted(learner: LearnerHandle, hooks: Hooks, s3: S3Info) -> None:
     client = s3.client()

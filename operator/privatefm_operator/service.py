@@ -11,6 +11,7 @@ from collections import defaultdict
 from typing import Any
 
 from privatefm_merge import contract, layout
+from pydantic import ValidationError
 
 from privatefm_operator import builders, conditions, decisions, metrics, naming
 from privatefm_operator.api import (
@@ -60,9 +61,17 @@ class Operator:
                 return
             self._known.add(name)
             metrics.LEARNER_NAMESPACES.set(len(self._known))
-            learner = self.learner(body)
             status = body.get("status") or {}
             generation = body["metadata"].get("generation")
+            try:
+                learner = self.learner(body)
+            except ValidationError as err:  # the CRD schema should have caught it; say so, do nothing
+                self.kube.patch("LearnerNamespace", name, {"status": {
+                    "observedGeneration": generation, "phase": LearnerPhase.FAILED.value,
+                    "conditions": conditions.merge(status.get("conditions") or [], conditions.kstatus(
+                        generation, ready=False, reconciling=False, stalled=True, reason="InvalidSpec",
+                        message=str(err)[:2000]))}}, subresource="status")
+                return
 
             created = self._provision(learner, body)
             latest, base_problem = self._base_model_state(learner)
@@ -154,7 +163,12 @@ class Operator:
                 self._finish(am, None, MergePhase.FAILED, "LearnerNotFound",
                              f"namespace {namespace} belongs to no LearnerNamespace")
                 return
-            learner = self.learner(lns_body)
+            try:
+                learner = self.learner(lns_body)
+                AdapterMergeSpec.model_validate(am.get("spec") or {})
+            except ValidationError as err:
+                self._finish(am, lns_body, MergePhase.FAILED, "InvalidSpec", str(err))
+                return
             status = am.get("status") or {}
             if not status.get("targetVersion"):
                 planned = self._plan(am, lns_body, learner)
