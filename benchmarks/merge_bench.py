@@ -401,6 +401,7 @@ def main() -> int:
                             "adapter_bytes": (adapter / "adapter_model.safetensors").stat().st_size,
                             "identical": None}
     rows: list[dict[str, Any]] = []
+    info["load_before"] = os.getloadavg()
     try:
         rows.append(measure("import", base, adapter, args.work / "out-import"))
         for rep in range(args.reps):
@@ -418,6 +419,7 @@ def main() -> int:
         if not args.keep_inputs:
             shutil.rmtree(args.work, ignore_errors=True)
 
+    info["load_after"] = os.getloadavg()
     table = render(rows, info)
     summary = "\n".join(targets(rows, info))
     print(table)
@@ -444,7 +446,9 @@ def write_docs(path: Path, table: str, summary: str, info: dict[str, Any], rows:
                                 for k in keys)
     measured = {"results": rows, "info": info, "machine": env}
     text = GENERATED.format(
-        machine="\n".join(f"- {k}: {v}" for k, v in env.items()),
+        machine="\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n- load average (1, 5, 15 min) before / "
+        f"after the runs: {fmt_load(info['load_before'])} / {fmt_load(info['load_after'])} (other work shared "
+        "the machine when above ~0.3)",
         shape=info["shape"], params=info["params"] / 1e9, base_gib=info["base_bytes"] / 2**30,
         shards=info["shards"], largest=info["largest_tensor_mib"], adapter_mib=info["adapter_bytes"] / MiB,
         reps=args.reps, table=table, summary=summary, engine_phases=phases or "n/a",
@@ -456,6 +460,10 @@ def write_docs(path: Path, table: str, summary: str, info: dict[str, Any], rows:
     if path.exists() and notes_marker in path.read_text():
         notes = path.read_text().split(notes_marker, 1)[1]
     path.write_text(text + "\n" + notes_marker + notes)
+
+
+def fmt_load(load: tuple[float, float, float]) -> str:
+    return ", ".join(f"{x:.2f}" for x in load)
 
 
 GENERATED = """# Merge engine benchmark

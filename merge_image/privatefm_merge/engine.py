@@ -282,40 +282,53 @@ class _BufferPool:
 
 
 class _BackgroundWriter:
-    """Hashes and writes on a thread, so that writing overlaps reading and merging. Each queued
-    view is handed back (``done``) once written; the buffer pools bound how much is queued."""
+    """Hashes on one thread and writes on another, so that both overlap reading and merging
+    (on a 2-core machine the three stages balance better than two). Each queued view is handed
+    back (``done``) once written; the buffer pools bound how much is in flight."""
 
     _STOP = object()
 
     def __init__(self, writer: ObjectWriter) -> None:
         self._writer = writer
-        self._queue: queue.Queue[Any] = queue.Queue()
+        self._to_hash: queue.Queue[Any] = queue.Queue()
+        self._to_write: queue.Queue[Any] = queue.Queue()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=f"write:{writer.name}", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._stage, args=(self._to_hash, writer.hash, self._to_write),
+                             name=f"hash:{writer.name}", daemon=True),
+            threading.Thread(target=self._stage, args=(self._to_write, writer.write_unhashed, None),
+                             name=f"write:{writer.name}", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
 
-    def _run(self) -> None:
+    def _stage(self, source: queue.Queue[Any], work: Callable[[Any], None], sink: queue.Queue[Any] | None) -> None:
         while True:
-            item = self._queue.get()
-            if item is self._STOP:
-                return
-            data, done = item
-            if self._error is None:
+            item = source.get()
+            if item is not self._STOP and self._error is None:
                 try:
-                    self._writer.write(data)
+                    work(item[0])
                 except BaseException as err:
                     self._error = err
-            if done is not None:  # after a failure too, so the producer never waits forever
-                done()
+            if sink is not None:
+                sink.put(item)
+            elif item is not self._STOP and item[1] is not None:
+                item[1]()  # give the buffer back (after a failure too: the producer must not wait forever)
+            if item is self._STOP:
+                return
 
     def write(self, data: bytes | memoryview, done: Callable[[], None] | None = None) -> None:
         if self._error is not None:
             raise self._error
-        self._queue.put((data, done))
+        self._to_hash.put((data, done))
+
+    def _join(self) -> None:
+        self._to_hash.put(self._STOP)
+        for thread in self._threads:
+            thread.join()
 
     def commit(self) -> FileDigest:
-        self._queue.put(self._STOP)
-        self._thread.join()
+        self._join()
         if self._error is not None:
             self._writer.abort()
             raise self._error
@@ -323,8 +336,7 @@ class _BackgroundWriter:
 
     def abort(self) -> None:
         self._error = self._error or RuntimeError("aborted")
-        self._queue.put(self._STOP)
-        self._thread.join()
+        self._join()
         self._writer.abort()
 
 

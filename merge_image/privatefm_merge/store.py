@@ -80,10 +80,17 @@ class ObjectWriter(ABC):
         self._done = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._done:
-            raise StorageError(f"write to {self.name} after commit/abort")
+        self.hash(data)
+        self.write_unhashed(data)
+
+    # The two halves of ``write``, for callers that run them on separate threads (in order).
+    def hash(self, data: bytes | bytearray | memoryview) -> None:
         self._sha.update(data)
         self.size += len(data)
+
+    def write_unhashed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._done:
+            raise StorageError(f"write to {self.name} after commit/abort")
         self._write(data)
 
     def commit(self) -> FileDigest:
