@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from privatefm_testing.cluster import BIN, LocalCluster, pid_alive
-from privatefm_testing.kube import Kube
+from privatefm_testing.kube import Kube, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -31,16 +29,6 @@ WIDGET_CRD = {
         }],
     },
 }
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_crd_and_custom_resource_round_trip(kube: Kube, namespace: str) -> None:

@@ -21,24 +21,13 @@ import yaml
 from privatefm_merge import layout
 from privatefm_testing import seed
 from privatefm_testing.cluster import S3Info
-from privatefm_testing.kube import Kube
+from privatefm_testing.kube import Kube, token_kubeconfig, wait_for
 from privatefm_testing.operator_proc import OperatorProcess
 from privatefm_testing.podrunner import PodRunner
 
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[1]
 OPERATOR_SA = ("privatefm-system", "privatefm-operator")
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def get(kube: Kube, *args: str) -> dict[str, Any]:
@@ -56,12 +45,7 @@ def operator_kubeconfig(kube: Kube) -> Path:
     kube.kubectl("wait", "--for=condition=Established", "crd/learnernamespaces.privatefm.io",
                  "crd/adaptermerges.privatefm.io", "--timeout=60s")
     token = kube.kubectl("create", "token", OPERATOR_SA[1], "-n", OPERATOR_SA[0], "--duration=6h").stdout.strip()
-    config = yaml.safe_load(kube.kubeconfig.read_text())
-    for entry in config["users"]:
-        entry["user"] = {"token": token}
-    path = kube.workdir / "operator.kubeconfig"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return token_kubeconfig(kube.kubeconfig, token, kube.workdir / "operator.kubeconfig")
 
 
 @pytest.fixture(scope="session")

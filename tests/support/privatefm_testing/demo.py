@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from privatefm_testing import seed
 from privatefm_testing.cluster import BIN, LocalCluster, S3Info
+from privatefm_testing.kube import token_kubeconfig
 from privatefm_testing.operator_proc import OperatorProcess
 
 REPO = Path(__file__).resolve().parents[3]
@@ -47,15 +46,6 @@ class Kubectl:
 
     def json(self, *args: str) -> dict[str, Any]:
         return dict(json.loads(self("get", *args, "-o", "json")))
-
-
-def operator_kubeconfig(kubectl: Kubectl, admin: Path, out: Path) -> Path:
-    token = kubectl("create", "token", "privatefm-operator", "-n", "privatefm-system", "--duration=24h").strip()
-    config = yaml.safe_load(admin.read_text())
-    for entry in config["users"]:
-        entry["user"] = {"token": token}
-    out.write_text(yaml.safe_dump(config))
-    return out
 
 
 def run(directory: Path, keep: bool) -> int:
@@ -84,7 +74,8 @@ def run(directory: Path, keep: bool) -> int:
         from kubernetes import config as kconfig
 
         runner = PodRunner(kconfig.new_client_from_config(state.kubeconfig), directory / "pods").start()
-        token_config = operator_kubeconfig(kubectl, Path(state.kubeconfig), directory / "operator.kubeconfig")
+        token = kubectl("create", "token", "privatefm-operator", "-n", "privatefm-system", "--duration=24h").strip()
+        token_config = token_kubeconfig(Path(state.kubeconfig), token, directory / "operator.kubeconfig")
         operator = OperatorProcess(token_config, s3, directory / "logs" / "operator.log", merge_gpus="0",
                                    resync_seconds="10")
         operator.start()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,3 +56,24 @@ class Kube:
             for group in as_groups:  # the client sends one header; enough for one group
                 api.set_default_header("Impersonate-Group", group)
         return api
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
+    """Polls ``predicate`` until it returns something truthy, which is returned."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def token_kubeconfig(admin: Path, token: str, out: Path) -> Path:
+    """``admin``'s kubeconfig with its credentials replaced by a bearer token (e.g. a ServiceAccount's)."""
+    config = yaml.safe_load(admin.read_text())
+    for entry in config["users"]:
+        entry["user"] = {"token": token}
+    out.write_text(yaml.safe_dump(config))
+    return out
