@@ -109,8 +109,8 @@ def generate_inputs(work: Path, shape_name: str) -> None:
         del tensors
     (base / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    config = LlamaConfig(**shape, torch_dtype="bfloat16", architectures=["LlamaForCausalLM"])
-    (base / "config.json").write_text(config.to_json_string())
+    llama_config = LlamaConfig(**shape, architectures=["LlamaForCausalLM"])
+    (base / "config.json").write_text(llama_config.to_json_string())
 
     lora = {}
     for name, dims in tensor_shapes(shape):
@@ -173,26 +173,39 @@ def child_floor(base: Path, _adapter: Path, out: Path) -> dict[str, Any]:
 
 
 def child_floor_pipelined(base: Path, _adapter: Path, out: Path) -> dict[str, Any]:
-    """The floor with the engine's overlap: read here, sha256 + write on a second thread."""
+    """The floor with the engine's overlap: read here into reused buffers; sha256 and write on
+    a second thread, which hands each buffer back."""
     import queue
 
     started = time.perf_counter()
     out.mkdir(parents=True)
+    free: queue.Queue[bytearray] = queue.Queue()
+    for _ in range(4):
+        free.put(bytearray(16 * MiB))
     for src in sorted(base.iterdir()):
-        chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=3)
+        chunks: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
 
-        def drain(path: Path, chunks: queue.Queue[bytes | None] = chunks) -> None:
+        def drain(path: Path, chunks: queue.Queue[tuple[bytearray, int] | None] = chunks) -> None:
             digest = hashlib.sha256()
             with open(path, "wb") as writer:
-                while (chunk := chunks.get()) is not None:
-                    digest.update(chunk)
-                    writer.write(chunk)
+                while (item := chunks.get()) is not None:
+                    buffer, n = item
+                    view = memoryview(buffer)[:n]
+                    digest.update(view)
+                    writer.write(view)
+                    view.release()
+                    free.put(buffer)
 
         writer_thread = threading.Thread(target=drain, args=(out / src.name,))
         writer_thread.start()
         with open(src, "rb") as reader:
-            while chunk := reader.read(16 * MiB):
-                chunks.put(chunk)
+            while True:
+                buffer = free.get()
+                n = reader.readinto(buffer)
+                if not n:
+                    free.put(buffer)
+                    break
+                chunks.put((buffer, n))
         chunks.put(None)
         writer_thread.join()
     return {"import_seconds": 0.0, "work_seconds": time.perf_counter() - started}
@@ -252,7 +265,8 @@ def measure(kind: str, base: Path, adapter: Path, out: Path) -> dict[str, Any]:
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} run failed with status {proc.returncode}")
     result = json.loads(output.strip().splitlines()[-1])
-    return {"kind": kind, "wall_seconds": wall, "peak_rss_mib": usage.ru_maxrss / 1024,
+    return {"kind": kind, "wall_seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mib": usage.ru_maxrss / 1024,
             "peak_anon_mib": peak_anon / 1024, **result}
 
 
@@ -301,8 +315,8 @@ def render(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
     kinds = [k for k in (*RUNS, "import") if any(r["kind"] == k for r in rows)]
     del info
     lines = [
-        "| run | work time (s) | process wall (s) | peak RSS (MiB) | peak anonymous RSS (MiB) |",
-        "|---|---:|---:|---:|---:|",
+        "| run | work time (s) | process wall (s) | CPU time (s) | peak RSS (MiB) | peak anonymous RSS (MiB) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     labels = {"engine": "privatefm-merge engine", "peft": "PEFT merge_and_unload + save_pretrained",
               "floor": "floor: copy + sha256 (one thread)",
@@ -310,7 +324,8 @@ def render(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
               "import": "(fixed cost: python + torch + engine imported)"}
     for kind in kinds:
         lines.append(f"| {labels[kind]} | {median(rows, kind, 'work_seconds'):.2f} | "
-                     f"{median(rows, kind, 'wall_seconds'):.2f} | {median(rows, kind, 'peak_rss_mib'):.0f} | "
+                     f"{median(rows, kind, 'wall_seconds'):.2f} | {median(rows, kind, 'cpu_seconds'):.2f} | "
+                     f"{median(rows, kind, 'peak_rss_mib'):.0f} | "
                      f"{median(rows, kind, 'peak_anon_mib'):.0f} |")
     return "\n".join(lines)
 
@@ -435,15 +450,16 @@ def write_docs(path: Path, table: str, summary: str, info: dict[str, Any], rows:
     engine = [r for r in rows if r["kind"] == "engine"]
     phases = ""
     if engine:
-        keys = ("plan_seconds", "stream_seconds", "compute_seconds", "commit_seconds")
+        keys = ("plan_seconds", "stream_seconds", "read_seconds", "compute_seconds", "wait_for_writer_seconds",
+                "commit_seconds")
         phases = ", ".join(f"{k.removesuffix('_seconds')} {statistics.median(r[k] for r in engine):.2f} s"
                            for k in keys)
     peft = [r for r in rows if r["kind"] == "peft"]
     peft_phases = ""
     if peft:
-        keys = ("load_seconds", "merge_seconds", "save_seconds")
+        peft_keys = ("load_seconds", "merge_seconds", "save_seconds")
         peft_phases = ", ".join(f"{k.removesuffix('_seconds')} {statistics.median(r[k] for r in peft):.2f} s"
-                                for k in keys)
+                                for k in peft_keys)
     measured = {"results": rows, "info": info, "machine": env}
     text = GENERATED.format(
         machine="\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n- load average (1, 5, 15 min) before / "
@@ -471,7 +487,7 @@ GENERATED = """# Merge engine benchmark
 Generated by `benchmarks/merge_bench.py` on {date}. Rerun with
 
 ```
-.venv/bin/python benchmarks/merge_bench.py            # about 10 minutes here; needs ~15 GB of free disk
+.venv/bin/python benchmarks/merge_bench.py            # about 5 minutes here; needs ~8 GB of free disk
 .venv/bin/python benchmarks/merge_bench.py --shape tinyllama-1.1b --runs engine,floor --no-docs
 ```
 
@@ -497,10 +513,11 @@ every contender alike; `sync` runs before each run and nothing is fsync'd.
 - **PEFT**: `LlamaForCausalLM.from_pretrained(dtype=bfloat16)`, `PeftModel.from_pretrained`,
   `merge_and_unload()`, `save_pretrained(max_shard_size="1GB")` (no hashing).
 - **floor**: read every base file in 16 MiB chunks, sha256 it, write it (one thread).
-- **floor, pipelined**: the same bytes, read on one thread and hashed + written on another, the
-  way the engine overlaps them: the least any streaming merge can cost on this machine.
+- **floor, pipelined**: the same bytes, read into reused buffers on one thread and hashed +
+  written on another: the engine's overlap, without any merging.
 - *work time* is measured inside the child after its imports; *process wall* is the whole
-  subprocess, including starting Python and importing torch/transformers.
+  subprocess, including starting Python and importing torch/transformers; *CPU time* is the
+  child's user + system time (2 cores: up to twice the wall time).
 - *peak RSS* is `ru_maxrss` from `wait4`; it includes the pages of shared libraries the process
   touched (CUDA-enabled torch maps a lot). *Peak anonymous RSS* is the maximum `RssAnon` polled
   from `/proc` every 20 ms: the process's own heap and buffers.
@@ -511,7 +528,8 @@ every contender alike; `sync` runs before each run and nothing is fsync'd.
 
 {summary}
 
-Engine phases (median): {engine_phases}. PEFT phases (median): {peft_phases}.
+Engine phases (median; `stream` = read + compute + wait for the hash/write threads, all on the
+main thread): {engine_phases}. PEFT phases (median): {peft_phases}.
 
 <details><summary>Raw measurements</summary>
 

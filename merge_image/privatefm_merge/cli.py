@@ -21,7 +21,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from privatefm_merge.contract import DEVICES, MergeJob, MergeResult, Reason, result_path_from_env
+from privatefm_merge.contract import (
+    DEVICES,
+    MergeJob,
+    MergeResult,
+    Reason,
+    part_size_from_env,
+    result_path_from_env,
+)
 from privatefm_merge.errors import MergeError, StorageError
 
 log = logging.getLogger("privatefm_merge")
@@ -60,10 +67,8 @@ def _event(event: str, fields: dict[str, Any]) -> None:
     log.info(event, extra={"fields": fields})
 
 
-def run_merge(job: MergeJob, *, env: Mapping[str, str] | None = None) -> MergeResult:
+def run_merge(job: MergeJob, *, part_size: int | None = None) -> MergeResult:
     """Run the operator's merge job and describe the outcome as a ``MergeResult`` (never raises)."""
-    env = os.environ if env is None else env
-    part_size = int(env.get("PRIVATEFM_PART_SIZE_BYTES", "") or 0) or None
     return merge_to_result(job.base_uri, job.adapter_uri, job.output_uri, device=job.device,
                            version=job.target_version, parent_version=job.parent_version,
                            base_model=job.base_model, base_version=job.base_version, part_size=part_size)
@@ -125,12 +130,13 @@ def cmd_pod(env: Mapping[str, str]) -> int:
     result_path = result_path_from_env(env)
     try:
         job = MergeJob.from_env(env)
+        part_size = part_size_from_env(env)
     except ValueError as err:
         result = MergeResult(status="Failed", reason=Reason.CONFIG_INVALID.value, message=str(err))
         log.error("merge_failed", extra={"fields": {"reason": result.reason, "message": result.message}})
         _write_result(result_path, result)
         return 1
-    result = run_merge(job, env=env)
+    result = run_merge(job, part_size=part_size)
     _write_result(result_path, result)
     return 0 if result.succeeded else 1
 

@@ -15,6 +15,7 @@ Inputs (environment of the ``privatefm-merge pod`` container):
 ``PRIVATEFM_TARGET_VERSION``   version this merge creates (int)
 ``PRIVATEFM_DEVICE``           ``auto`` (default), ``cpu`` or ``cuda``
 ``PRIVATEFM_RESULT_PATH``      where the result JSON goes; default ``/dev/termination-log``
+``PRIVATEFM_PART_SIZE_BYTES``  optional: S3 multipart part size (default 16 MiB, at least 5 MiB)
 ``AWS_ENDPOINT_URL`` …         S3 connection, read by boto3 (path-style addressing is used)
 =============================  ==========================================================
 
@@ -42,6 +43,9 @@ ENV_PARENT_VERSION = "PRIVATEFM_PARENT_VERSION"
 ENV_TARGET_VERSION = "PRIVATEFM_TARGET_VERSION"
 ENV_DEVICE = "PRIVATEFM_DEVICE"
 ENV_RESULT_PATH = "PRIVATEFM_RESULT_PATH"
+# Optional tuning, not set by the operator: S3 multipart part size (>= 5 MiB; default 16 MiB).
+ENV_PART_SIZE = "PRIVATEFM_PART_SIZE_BYTES"
+MIN_PART_SIZE = 5 * 1024 * 1024
 
 # S3 connection: the standard variables boto3 reads itself.
 ENV_S3_ENDPOINT = "AWS_ENDPOINT_URL"
@@ -159,6 +163,14 @@ class MergeJob:
 
 def result_path_from_env(env: Mapping[str, str]) -> str:
     return env.get(ENV_RESULT_PATH, "").strip() or DEFAULT_RESULT_PATH
+
+
+def part_size_from_env(env: Mapping[str, str]) -> int | None:
+    """The optional S3 part size; None when unset. Raises ``ValueError`` naming the variable."""
+    value = _int(env, ENV_PART_SIZE, optional=True)
+    if value is not None and value < MIN_PART_SIZE:
+        raise ValueError(f"environment variable {ENV_PART_SIZE} must be at least {MIN_PART_SIZE} (5 MiB)")
+    return value
 
 
 class MergeResult(BaseModel):

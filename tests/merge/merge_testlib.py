@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -18,21 +18,23 @@ LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 GPT2_LINEAR = ["c_attn", "c_proj", "c_fc"]
 
 
-def tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+def tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0) -> Any:
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
-    return LlamaForCausalLM(config).to(dtype).eval()
+    model: Any = LlamaForCausalLM(config)
+    return model.to(dtype).eval()
 
 
-def tiny_gpt2(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+def tiny_gpt2(dtype: torch.dtype = torch.float32, seed: int = 0) -> Any:
     torch.manual_seed(seed)
     config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
                         bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(config).to(dtype).eval()
+    model: Any = GPT2LMHeadModel(config)
+    return model.to(dtype).eval()
 
 
-def save_base(model: nn.Module, directory: Path, max_shard_size: str | None = "40KB") -> Path:
+def save_base(model: Any, directory: Path, max_shard_size: str | None = "40KB") -> Path:
     """save_pretrained, sharded (with an index) unless ``max_shard_size`` is None."""
     model.save_pretrained(directory, max_shard_size=max_shard_size or "10GB")
     return directory
@@ -51,11 +53,12 @@ def randomize_adapter(peft_model: nn.Module, seed: int = 1) -> None:
                 param.mul_(1 + 0.2 * torch.randn(param.shape, generator=gen))
 
 
-def make_adapter(model: nn.Module, config: LoraConfig, directory: Path, seed: int = 1) -> nn.Module:
+def make_adapter(model: nn.Module, config: LoraConfig, directory: Path, seed: int = 1) -> PeftModel:
     """Wrap ``model`` (in place) with a randomized LoRA, save the adapter, return the PeftModel."""
     peft_model = get_peft_model(model, config)
+    assert isinstance(peft_model, PeftModel)
     randomize_adapter(peft_model, seed)
-    peft_model.save_pretrained(directory)
+    peft_model.save_pretrained(str(directory))
     return peft_model
 
 

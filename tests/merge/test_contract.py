@@ -136,3 +136,14 @@ def test_job_from_env_names_every_problem_at_once() -> None:
                  "PRIVATEFM_TARGET_VERSION must be an integer"):
         assert name in message
     assert "PRIVATEFM_BASE_URI" not in message and "PRIVATEFM_PARENT_VERSION" not in message
+
+
+def test_optional_part_size() -> None:
+    from privatefm_merge.contract import part_size_from_env
+
+    assert part_size_from_env({}) is None
+    assert part_size_from_env({"PRIVATEFM_PART_SIZE_BYTES": str(8 << 20)}) == 8 << 20
+    with pytest.raises(ValueError, match="PRIVATEFM_PART_SIZE_BYTES must be at least"):
+        part_size_from_env({"PRIVATEFM_PART_SIZE_BYTES": "1024"})
+    with pytest.raises(ValueError, match="PRIVATEFM_PART_SIZE_BYTES must be an integer"):
+        part_size_from_env({"PRIVATEFM_PART_SIZE_BYTES": "16MiB"})

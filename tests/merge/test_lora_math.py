@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Mapping
+from typing import Any
 
 import pytest
 import torch
@@ -104,7 +106,7 @@ def test_adapter_key_grouping_and_base_names() -> None:
     assert resolve_base_name("model.layers.1.self_attn.q_proj", base) is None
 
 
-def _header(doc: dict[str, object]) -> tuple[bytes, bytes]:
+def _header(doc: Mapping[str, Any]) -> tuple[bytes, bytes]:
     body = json.dumps(doc).encode()
     return struct.pack("<Q", len(body)), body
 

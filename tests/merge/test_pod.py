@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield root
 
 
-def run_pod(env: dict[str, str], result_path: Path) -> tuple[int, MergeResult | None, list[dict[str, object]]]:
+def run_pod(env: dict[str, str], result_path: Path) -> tuple[int, MergeResult | None, list[dict[str, Any]]]:
     full = {**{k: v for k, v in os.environ.items() if not k.startswith("PRIVATEFM_")}, **env,
             "PRIVATEFM_RESULT_PATH": str(result_path)}
     proc = subprocess.run([CLI, "pod"], env=full, capture_output=True, text=True, timeout=120)
