@@ -64,6 +64,7 @@ def cond(type_: str, reason: str = "") -> dict[str, Any]:
 def test_job_outcome(status: dict[str, Any], message: str | None, phase: MergePhase, reason: str) -> None:
     outcome = decisions.job_outcome(status, message)
     assert (outcome.phase, outcome.reason) == (phase, reason)
+    assert decisions.job_finished(status) is (phase in (MergePhase.SUCCEEDED, MergePhase.FAILED))
 
 
 @pytest.mark.parametrize(("claimed", "actual", "version", "bad", "accepted", "needle"), [

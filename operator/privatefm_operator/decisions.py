@@ -43,6 +43,14 @@ class JobOutcome:
     result: MergeResult | None = None
 
 
+FINISHED = ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget")
+
+
+def job_finished(job_status: dict[str, Any]) -> bool:
+    """Only a finished Job has a result worth reading."""
+    return any(c.get("type") in FINISHED and c.get("status") == "True" for c in job_status.get("conditions") or [])
+
+
 def job_outcome(job_status: dict[str, Any], termination_message: str | None) -> JobOutcome:
     """Reads a Job's status plus its pod's termination message (the merge result)."""
     conditions = {c.get("type"): c for c in job_status.get("conditions") or [] if c.get("status") == "True"}

@@ -179,7 +179,9 @@ class Operator:
             if job is None:
                 self._finish(am, lns_body, MergePhase.FAILED, "JobLost", f"Job {name} no longer exists")
                 return
-            outcome = decisions.job_outcome(job.get("status") or {}, self._termination_message(namespace, name))
+            job_status = job.get("status") or {}
+            message = self._termination_message(namespace, name) if decisions.job_finished(job_status) else None
+            outcome = decisions.job_outcome(job_status, message)
             if outcome.phase in (MergePhase.PENDING, MergePhase.RUNNING):
                 if status.get("phase") != outcome.phase.value:
                     patch: dict[str, Any] = {"phase": outcome.phase.value}

@@ -18,6 +18,7 @@ from privatefm_operator.settings import Settings
 
 # What "the store could not be read" looks like; it says nothing about the data itself.
 STORE_ERRORS = (StorageError, BotoCoreError, ClientError)
+BASE_CACHE_SECONDS = 10.0
 _VERSION_DIR = re.compile(r"/v(\d+)/$")
 _SEQ_DIR = re.compile(r"/(\d+)/$")
 
@@ -25,6 +26,7 @@ _SEQ_DIR = re.compile(r"/(\d+)/$")
 class Storage:
     def __init__(self, settings: Settings) -> None:
         self.bucket = settings.s3_bucket
+        self._latest: dict[str, tuple[float, int | None]] = {}
         self.client = boto3.client(
             "s3", endpoint_url=settings.s3_endpoint or None, region_name=settings.s3_region,
             aws_access_key_id=settings.s3_access_key or None, aws_secret_access_key=settings.s3_secret_key or None,
@@ -49,7 +51,17 @@ class Storage:
             raise
 
     def latest_base_version(self, model: str) -> int | None:
-        """Newest published base version: a v<k>/ directory with its manifest (the commit point)."""
+        """Newest published base version, remembered for ``BASE_CACHE_SECONDS``: every learner of a
+        model asks on every resync, and a new base version is a rare event."""
+        cached = self._latest.get(model)
+        if cached and time.monotonic() - cached[0] < BASE_CACHE_SECONDS:
+            return cached[1]
+        version = self._find_latest_base_version(model)
+        self._latest[model] = (time.monotonic(), version)
+        return version
+
+    def _find_latest_base_version(self, model: str) -> int | None:
+        """A v<k>/ directory counts once its manifest (the commit point) exists."""
         versions = sorted((int(m.group(1)) for d in self._subdirs(f"{layout.BASE_ROOT}/{model}")
                            if (m := _VERSION_DIR.search(d))), reverse=True)
         for version in versions:
