@@ -36,6 +36,13 @@ def get(kube: Kube, *args: str) -> dict[str, Any]:
 
 
 # ---- fixtures --------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def local_pods_only(request: pytest.FixtureRequest) -> None:
+    if request.config.getoption("--cluster") != "local":
+        pytest.skip("the operator end-to-end tests run merge pods through the local pod runner; on kind they "
+                    "would need the merge image built and loaded into the cluster, which is not wired up yet")
+
+
 @pytest.fixture(scope="session")
 def operator_kubeconfig(kube: Kube) -> Path:
     """The operator's own identity: a ServiceAccount token bound only by manifests/rbac.yaml."""
