@@ -20,7 +20,6 @@ NETWORK_POLICY = "privatefm-isolation"
 RESOURCE_QUOTA = "privatefm-quota"
 LIMIT_RANGE = "privatefm-limits"
 CRONJOB = "nightly-merge"
-FINALIZER = f"{GROUP}/guardian-approval"
 
 
 def ns_uid(cr_uid: str) -> str:

@@ -21,7 +21,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -356,13 +356,3 @@ def tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:
         return "(no log)"
-
-
-@contextlib.contextmanager
-def running_cluster(directory: Path) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(directory)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
