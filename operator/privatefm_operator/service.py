@@ -66,14 +66,12 @@ class Operator:
             try:
                 learner = self.learner(body)
             except ValidationError as err:  # the CRD schema should have caught it; say so, do nothing
-                self.kube.patch("LearnerNamespace", name, {"status": {
-                    "observedGeneration": generation, "phase": LearnerPhase.FAILED.value,
-                    "conditions": conditions.merge(status.get("conditions") or [], conditions.kstatus(
-                        generation, ready=False, reconciling=False, stalled=True, reason="InvalidSpec",
-                        message=str(err)[:2000]))}}, subresource="status")
+                self._write_learner_status(name, status, LearnerPhase.FAILED, conditions.kstatus(
+                    generation, ready=False, reconciling=False, stalled=True, reason="InvalidSpec",
+                    message=str(err)[:2000]), observedGeneration=generation)
                 return
 
-            created = self._provision(learner, body)
+            created = self._provision(learner)
             latest, base_problem = self._base_model_state(learner)
             current = status.get("currentCheckpoint") or {}
             lag = decisions.version_lag(latest, current.get("baseVersion"))
@@ -95,11 +93,9 @@ class Operator:
                 if degraded else "", generation))
             if degraded and not base_problem:
                 phase = LearnerPhase.DEGRADED
-            self.kube.patch("LearnerNamespace", name, {"status": {
-                "observedGeneration": generation, "phase": phase.value, "nsUid": learner.ns_uid,
-                "namespace": learner.namespace, "baseModelLatestVersion": latest, "versionLag": lag,
-                "conditions": conditions.merge(status.get("conditions") or [], new_conditions),
-            }}, subresource="status")
+            self._write_learner_status(name, status, phase, new_conditions, observedGeneration=generation,
+                                       nsUid=learner.ns_uid, namespace=learner.namespace,
+                                       baseModelLatestVersion=latest, versionLag=lag)
             if created:
                 self.kube.event(body, "Normal", "NamespaceCreated", f"created namespace {learner.namespace}")
                 log.info("namespace created", extra={"fields": {"learner": name, "namespace": learner.namespace}})
@@ -109,7 +105,14 @@ class Operator:
             if (am.get("status") or {}).get("phase") not in TERMINAL:
                 self.sync_merge(learner.namespace, am["metadata"]["name"])
 
-    def _provision(self, learner: Learner, body: dict[str, Any]) -> bool:
+    def _write_learner_status(self, name: str, old: dict[str, Any], phase: LearnerPhase,
+                              new_conditions: list[dict[str, Any]], **fields: Any) -> None:
+        """One status write per reconcile; conditions keep their transition times."""
+        self.kube.patch("LearnerNamespace", name, {"status": {
+            **fields, "phase": phase.value,
+            "conditions": conditions.merge(old.get("conditions") or [], new_conditions)}}, subresource="status")
+
+    def _provision(self, learner: Learner) -> bool:
         """Applies the Namespace and its children. Returns True when the Namespace was new."""
         existing = self.kube.get("Namespace", learner.namespace)
         if existing and existing.get("status", {}).get("phase") == "Terminating":
@@ -142,7 +145,8 @@ class Operator:
         if meta.get("deletionTimestamp"):
             return
         labels = meta.get("labels") or {}
-        if labels.get(naming.LABEL_TRIGGER) == MergeTrigger.SCHEDULED.value:
+        # Only a CronJob's Job that is still suspended can lack its record: we un-suspend after recording.
+        if labels.get(naming.LABEL_TRIGGER) == MergeTrigger.SCHEDULED.value and job["spec"].get("suspend"):
             self.kube.create({
                 "apiVersion": "privatefm.io/v1alpha1", "kind": "AdapterMerge",
                 "metadata": {"name": meta["name"], "namespace": meta["namespace"],
