@@ -14,6 +14,7 @@ the pod asks for ``runAsUser``, the process runs as that user.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import logging
 import os
@@ -23,7 +24,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -137,8 +137,6 @@ class PodRunner:
         return env
 
     def _secret(self, ns: str, name: str, optional: bool) -> dict[str, str]:
-        import base64
-
         try:
             data = self.core.read_namespaced_secret(name, ns).data or {}
         except ApiException:
@@ -273,7 +271,6 @@ def main(argv: list[str] | None = None) -> int:
     while not done.wait(1):
         pass
     runner.stop()
-    time.sleep(0.1)
     return 0
 
 
