@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from privatefm_merge.contract import MergeJob, MergeResult
 from privatefm_operator import builders, conditions, decisions
-from privatefm_operator.api import LearnerNamespaceSpec, MergePhase, MergeTrigger
+from privatefm_operator.api import (
+    Checkpoint,
+    LearnerNamespaceSpec,
+    LearnerNamespaceStatus,
+    LearnerPhase,
+    MergePhase,
+    MergeTrigger,
+)
 from privatefm_operator.settings import Settings
 
 
@@ -80,16 +88,110 @@ def test_accept_checkpoint(claimed: str, actual: str, version: int, bad: list[st
     assert verdict.accepted is accepted and needle in verdict.message
 
 
+T0, T1, T2, T3, T4 = (datetime(2026, 1, 1, 0, 0, n, tzinfo=UTC) for n in range(5))
+
+
 def test_condition_transition_time_changes_only_with_status() -> None:
-    first = conditions.merge([], [conditions.condition("Ready", False, "Provisioning", "", 1)], at="t1")
-    same = conditions.merge(first, [conditions.condition("Ready", False, "StillProvisioning", "x", 2)], at="t2")
-    assert same[0]["lastTransitionTime"] == "t1" and same[0]["reason"] == "StillProvisioning"
-    flipped = conditions.merge(same, [conditions.condition("Ready", True, "Provisioned", "", 2)], at="t3")
-    assert flipped[0]["lastTransitionTime"] == "t3"
-    degraded = conditions.condition("Degraded", False, "WithinLag", "", 2) | {"lastTransitionTime": "t0"}
-    kept = conditions.merge([*flipped, degraded], [conditions.condition("Ready", True, "Provisioned", "", 3)],
-                            at="t4")
-    assert [c["type"] for c in kept] == ["Ready", "Degraded"] and kept[1]["lastTransitionTime"] == "t0"
+    first = conditions.merge([], [conditions.condition("Ready", False, "Provisioning", "", 1, T1)])
+    same = conditions.merge(first, [conditions.condition("Ready", False, "StillProvisioning", "x", 2, T2)])
+    assert same[0].last_transition_time == T1 and same[0].reason == "StillProvisioning"
+    flipped = conditions.merge(same, [conditions.condition("Ready", True, "Provisioned", "", 2, T3)])
+    assert flipped[0].last_transition_time == T3
+    degraded = conditions.condition("Degraded", False, "WithinLag", "", 2, T0)
+    kept = conditions.merge([*flipped, degraded], [conditions.condition("Ready", True, "Provisioned", "", 3, T4)])
+    assert [c.type for c in kept] == ["Ready", "Degraded"] and kept[1].last_transition_time == T0
+
+
+# ---- the learner's status from observed facts ------------------------------------------------
+def checkpoint(version: int, base: int) -> Checkpoint:
+    return Checkpoint(version=version, uri=f"s3://b/learners/u/checkpoints/v{version}", manifest_sha256="a" * 64,
+                      base_version=base)
+
+
+def facts(**changes: Any) -> decisions.LearnerFacts:
+    base = {"generation": 2, "now": T1, "ns_uid": "abc", "namespace": "lrn-x-abc", "latest_base": 1}
+    return decisions.LearnerFacts(**(base | changes))
+
+
+def by_type(status: LearnerNamespaceStatus) -> dict[str, tuple[str, str]]:
+    return {c.type: (c.status.value, c.reason) for c in status.conditions}
+
+
+@pytest.mark.parametrize(("observed", "current", "phase", "ready", "stalled", "reason", "degraded", "lag"), [
+    (facts(), None, LearnerPhase.READY, "True", "False", "Provisioned", "False", None),
+    (facts(latest_base=2), checkpoint(1, 2), LearnerPhase.READY, "True", "False", "CheckpointVerified", "False", 0),
+    (facts(latest_base=4), checkpoint(3, 1), LearnerPhase.READY, "True", "False", "CheckpointVerified", "False", 3),
+    (facts(latest_base=5), checkpoint(3, 1), LearnerPhase.DEGRADED, "True", "False", "CheckpointVerified", "True", 4),
+    (facts(latest_base=5, max_lag=5), checkpoint(3, 1), LearnerPhase.READY, "True", "False", "CheckpointVerified",
+     "False", 4),
+    (facts(base_problem="base model m v9 is not in the store"), None, LearnerPhase.FAILED, "False", "True",
+     "BaseModelNotFound", "False", None),
+    (facts(base_problem="gone", latest_base=9), checkpoint(1, 1), LearnerPhase.FAILED, "False", "True",
+     "BaseModelNotFound", "True", 8),
+])
+def test_learner_status(observed: decisions.LearnerFacts, current: Checkpoint | None, phase: LearnerPhase,
+                        ready: str, stalled: str, reason: str, degraded: str, lag: int | None) -> None:
+    old = LearnerNamespaceStatus(current_checkpoint=current, last_assigned_version=7)
+    new = decisions.learner_status(observed, old)
+    conds = by_type(new)
+    assert new.phase == phase and new.version_lag == lag
+    assert conds["Ready"] == (ready, reason) and conds["Stalled"][0] == stalled
+    assert conds["Reconciling"] == ("False", "Idle") and conds["Degraded"][0] == degraded
+    assert all(c.observed_generation == 2 for c in new.conditions)
+    assert (new.ns_uid, new.namespace, new.base_model_latest_version) == ("abc", "lrn-x-abc", observed.latest_base)
+    # What other writers own is carried over untouched.
+    assert new.current_checkpoint == current and new.last_assigned_version == 7
+
+
+def test_invalid_spec_is_stalled_and_touches_nothing_else() -> None:
+    old = LearnerNamespaceStatus(ns_uid="keep", current_checkpoint=checkpoint(2, 1), version_lag=0)
+    new = decisions.learner_status(decisions.LearnerFacts(generation=3, now=T1, spec_problem="bad"), old)
+    assert new.phase == LearnerPhase.FAILED and by_type(new)["Stalled"] == ("True", "InvalidSpec")
+    assert (new.ns_uid, new.current_checkpoint, new.version_lag) == ("keep", old.current_checkpoint, 0)
+
+
+def test_learner_status_is_stable_when_nothing_changed() -> None:
+    once = decisions.learner_status(facts(), LearnerNamespaceStatus())
+    again = decisions.learner_status(facts(now=T4), once)
+    assert again == once  # no status write is needed on an idle resync
+
+
+@pytest.mark.parametrize(("pinned", "found", "latest", "problem"), [
+    (None, False, 3, ""), (2, True, 3, ""), (2, False, 3, "m v2 is not in the store"),
+    (None, False, None, "no published version"), (1, True, None, ""),
+])
+def test_base_problem(pinned: int | None, found: bool, latest: int | None, problem: str) -> None:
+    got = decisions.base_problem("m", pinned, found, latest)
+    assert (problem in got and bool(got)) if problem else got == ""
+
+
+@pytest.mark.parametrize(("base", "found", "adapter", "reason", "needle"), [
+    (1, True, 3, None, ""),
+    (1, True, 0, None, ""),
+    (None, False, 3, "BaseModelNotFound", "no published version"),
+    (2, False, 3, "BaseModelNotFound", "m v2 is not in the store"),
+    (1, True, None, "NoAdapter", "learners/u/adapters/"),
+    (None, False, None, "BaseModelNotFound", "m"),  # the base is checked first
+])
+def test_plan_failure(base: int | None, found: bool, adapter: int | None, reason: str | None, needle: str) -> None:
+    failure = decisions.plan_failure("m", base, found, adapter, "learners/u/adapters")
+    assert (failure.reason if failure else None) == reason
+    assert failure is None or needle in failure.message
+
+
+@pytest.mark.parametrize(("last", "current", "expected"), [(None, None, 1), (4, 2, 5), (1, 3, 4)])
+def test_allocate_version(last: int | None, current: int | None, expected: int) -> None:
+    status = LearnerNamespaceStatus(last_assigned_version=last,
+                                    current_checkpoint=checkpoint(current, 1) if current else None)
+    assert decisions.allocate_version(status).last_assigned_version == expected
+
+
+@pytest.mark.parametrize(("current", "candidate", "after"), [(None, 1, 1), (1, 2, 2), (3, 2, 3), (2, 2, 2)])
+def test_advance_checkpoint(current: int | None, candidate: int, after: int) -> None:
+    status = LearnerNamespaceStatus(current_checkpoint=checkpoint(current, 1) if current else None, version_lag=0)
+    advanced = decisions.advance_checkpoint(status, checkpoint(candidate, 2))
+    assert advanced.current_checkpoint is not None and advanced.current_checkpoint.version == after
+    assert advanced.version_lag == 0  # the lag is the learner reconcile's to derive
 
 
 # ---- builders --------------------------------------------------------------------------------

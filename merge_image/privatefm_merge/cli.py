@@ -17,7 +17,6 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,22 +29,9 @@ from privatefm_merge.contract import (
     result_path_from_env,
 )
 from privatefm_merge.errors import MergeError, StorageError
+from privatefm_merge.jsonlog import JsonFormatter
 
 log = logging.getLogger("privatefm_merge")
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "event": record.getMessage(),
-        }
-        entry.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
 
 
 class _TextFormatter(logging.Formatter):
@@ -57,7 +43,7 @@ class _TextFormatter(logging.Formatter):
 
 def _setup_logging(json_lines: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if json_lines else _TextFormatter())
+    handler.setFormatter(JsonFormatter() if json_lines else _TextFormatter())
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False

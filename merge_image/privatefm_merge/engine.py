@@ -41,6 +41,7 @@ from privatefm_merge.adapter import (
     parse_adapter_config,
     plan_merge,
 )
+from privatefm_merge.clock import rfc3339
 from privatefm_merge.contract import Reason
 from privatefm_merge.errors import MergeError, NotFoundError, StorageError
 from privatefm_merge.lora_math import NonFiniteError, Workspace, merge_lora_, resolve_device, tensor_view
@@ -52,7 +53,6 @@ from privatefm_merge.manifest import (
     ManifestInvalid,
     ToolInfo,
     check_sizes,
-    now_rfc3339,
     parse_manifest,
     sha256_hex,
     summary_from_adapter_config,
@@ -552,7 +552,7 @@ def merge_checkpoint(base_uri: str, adapter_uri: str, output_uri: str, options: 
         listing = {info.name: info.size for info in out.list_files()}
         manifest = Manifest(
             tool=ToolInfo(name=TOOL_NAME, version=tool_version()),
-            created_at=now_rfc3339(),
+            created_at=rfc3339(),
             version=options.version,
             parent_version=options.parent_version,
             base=BaseInfo(uri=base.uri, model=options.base_model, version=options.base_version,

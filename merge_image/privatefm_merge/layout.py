@@ -1,4 +1,4 @@
-"""The storage layout (see DESIGN.md, "Storage layout"). Pure string functions, no I/O.
+"""The storage layout of the store (bucket). Pure string functions, no I/O.
 
 ```
 base/<model>/v<k>/                  model-*.safetensors, config.json, manifest.json

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -98,10 +97,6 @@ class Manifest(_Model):
     def to_bytes(self) -> bytes:
         """The exact bytes written as ``manifest.json`` (stable key order, trailing newline)."""
         return (self.model_dump_json(by_alias=True, indent=2) + "\n").encode()
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def sha256_hex(data: bytes) -> str:

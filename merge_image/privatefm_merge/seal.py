@@ -13,10 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from privatefm_merge import TOOL_NAME, layout, tool_version
+from privatefm_merge.clock import rfc3339
 from privatefm_merge.contract import Reason
 from privatefm_merge.errors import MergeError
 from privatefm_merge.layout import MANIFEST_NAME
-from privatefm_merge.manifest import BaseInfo, FileEntry, Manifest, ToolInfo, check_sizes, now_rfc3339, sha256_hex
+from privatefm_merge.manifest import BaseInfo, FileEntry, Manifest, ToolInfo, check_sizes, sha256_hex
 from privatefm_merge.store import Store, open_store, sha256_stream
 from privatefm_merge.verify import ManifestNotFound, read_manifest
 
@@ -42,7 +43,7 @@ def seal_checkpoint(uri: str, *, version: int | None = None, s3_client: Any = No
         raise MergeError(Reason.BASE_INVALID, f"{uri} holds no files")
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="seal") as pool:
         files = list(pool.map(lambda name: _entry(store, name), names))
-    manifest = Manifest(tool=ToolInfo(name=TOOL_NAME, version=tool_version()), created_at=now_rfc3339(),
+    manifest = Manifest(tool=ToolInfo(name=TOOL_NAME, version=tool_version()), created_at=rfc3339(),
                         version=version, files=files)
     data = manifest.to_bytes()
     store.put_bytes(MANIFEST_NAME, data)
@@ -73,7 +74,7 @@ def clone_checkpoint(source_uri: str, target_uri: str, *, version: int | None = 
     for entry in source_manifest.files:
         target.copy_from(source, entry.name)
     manifest = Manifest(
-        tool=ToolInfo(name=TOOL_NAME, version=tool_version()), created_at=now_rfc3339(), version=version,
+        tool=ToolInfo(name=TOOL_NAME, version=tool_version()), created_at=rfc3339(), version=version,
         parent_version=parent_version, files=source_manifest.files,
         base=BaseInfo(uri=source.uri, model=base_model, version=base_version, manifest_sha256=source_sha))
     problems = check_sizes(manifest, {info.name: info.size for info in target.list_files()})

@@ -15,7 +15,7 @@ import os
 import secrets
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +143,10 @@ class Store(ABC):
         """Every object under ``prefix`` (a sub-directory name, or '' for all), sorted by name."""
 
     @abstractmethod
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        """The names of the immediate sub-directories of ``prefix`` ('' for the root), sorted."""
+
+    @abstractmethod
     def stat(self, name: str) -> int | None:
         """The object's size, or None when it does not exist."""
 
@@ -257,6 +261,10 @@ class LocalStore(Store):
                 found.append(ObjectInfo(path.relative_to(self.root).as_posix(), path.stat().st_size))
         return sorted(found, key=lambda o: o.name)
 
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        top = self.root / prefix.strip("/") if prefix.strip("/") else self.root
+        return sorted(p.name for p in top.iterdir() if p.is_dir()) if top.is_dir() else []
+
     def stat(self, name: str) -> int | None:
         try:
             st = self._path(name).stat()
@@ -315,12 +323,16 @@ class LocalStore(Store):
 # S3
 
 
-def make_s3_client(env: Mapping[str, str] | None = None) -> Any:
-    """A boto3 S3 client from the standard AWS_* variables, with path-style addressing."""
+def make_s3_client(endpoint: str | None = None, region: str | None = None, access_key: str | None = None,
+                   secret_key: str | None = None) -> Any:
+    """The one boto3 S3 client factory: path-style addressing, bounded retries.
+
+    Anything left None comes from boto3's default chain (``AWS_*`` variables, web identity / IRSA,
+    instance profiles), which is how both merge pods and an operator on AWS are configured.
+    """
     import boto3
     from botocore.config import Config
 
-    env = os.environ if env is None else env
     options: dict[str, Any] = {
         "s3": {"addressing_style": "path"},
         "retries": {"max_attempts": 5, "mode": "standard"},
@@ -332,12 +344,15 @@ def make_s3_client(env: Mapping[str, str] | None = None) -> Any:
                         response_checksum_validation="when_required")
     except TypeError:
         config = Config(**options)
-    return boto3.client(
-        "s3",
-        endpoint_url=env.get(ENV_S3_ENDPOINT) or None,
-        region_name=env.get(ENV_S3_REGION) or DEFAULT_S3_REGION,
-        config=config,
-    )
+    return boto3.client("s3", endpoint_url=endpoint or None, region_name=region or DEFAULT_S3_REGION,
+                        aws_access_key_id=access_key or None, aws_secret_access_key=secret_key or None,
+                        config=config)
+
+
+def s3_client_from_env(env: Mapping[str, str] | None = None) -> Any:
+    """A client from the standard ``AWS_ENDPOINT_URL``/``AWS_REGION`` variables (credentials too)."""
+    env = os.environ if env is None else env
+    return make_s3_client(env.get(ENV_S3_ENDPOINT), env.get(ENV_S3_REGION))
 
 
 def _is_not_found(err: Exception) -> bool:
@@ -533,6 +548,17 @@ class S3Store(Store):
             raise StorageError(f"listing {self.uri}: {err}") from err
         return sorted(found, key=lambda o: o.name)
 
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        key_prefix = self._list_prefix(prefix)
+        found = []
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=key_prefix, Delimiter="/"):
+                found += [p["Prefix"][len(key_prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+        except _botocore_errors() as err:
+            raise StorageError(f"listing {self.uri}/{key_prefix}: {err}") from err
+        return sorted(found)
+
     def stat(self, name: str) -> int | None:
         try:
             response = self.client.head_object(Bucket=self.bucket, Key=self.key(name))
@@ -617,12 +643,7 @@ def open_store(uri: str, s3_client: Any = None, part_size: int = DEFAULT_PART_SI
     environment) or a local directory (``file://`` optional)."""
     if layout.is_s3_uri(uri):
         bucket, prefix = layout.parse_s3_uri(uri)
-        return S3Store(s3_client if s3_client is not None else make_s3_client(), bucket, prefix, part_size)
+        return S3Store(s3_client if s3_client is not None else s3_client_from_env(), bucket, prefix, part_size)
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     return LocalStore(uri)
-
-
-def iter_chunks(stream: ReadStream, chunk: int = READ_CHUNK) -> Iterator[bytes]:
-    while block := stream.read(chunk):
-        yield block

@@ -46,6 +46,46 @@ class Model(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
+class Status(Model):
+    """An object's status as the operator writes it. ``kopf`` is the framework's own progress
+    record: read, never written back by us (kopf patches it itself)."""
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json", exclude={"kopf"})
+
+
+class Resource(Model):
+    """Accessors for the standard metadata of a custom resource (kept as a plain dict)."""
+
+    api_version: str
+    kind: str
+    metadata: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata["name"])
+
+    @property
+    def namespace(self) -> str | None:
+        return self.metadata.get("namespace")
+
+    @property
+    def uid(self) -> str:
+        return str(self.metadata.get("uid", ""))
+
+    @property
+    def generation(self) -> int | None:
+        return self.metadata.get("generation")
+
+    @property
+    def deleting(self) -> bool:
+        return bool(self.metadata.get("deletionTimestamp"))
+
+    def ref(self) -> dict[str, Any]:
+        """What an Event's ``involvedObject`` needs."""
+        return {"apiVersion": self.api_version, "kind": self.kind, "metadata": self.metadata}
+
+
 # ---- shared pieces ---------------------------------------------------------------------------
 class ConditionStatus(StrEnum):
     TRUE = "True"
@@ -180,13 +220,8 @@ class LearnerNamespaceSpec(Model):
 
 
 class LearnerPhase(StrEnum):
-    PENDING = "Pending"
-    PROVISIONING = "Provisioning"
     READY = "Ready"
     DEGRADED = "Degraded"
-    RECOVERING = "Recovering"
-    AWAITING_GUARDIAN = "AwaitingGuardian"
-    DELETING = "Deleting"
     FAILED = "Failed"
 
 
@@ -202,21 +237,12 @@ class Checkpoint(Model):
     verified_at: datetime | None = Field(default=None, description="When the operator verified the manifest.")
 
 
-class DeletionStatus(Model):
-    """Progress of a guardian-approved deletion."""
-
-    requested_at: datetime | None = Field(default=None, description="When deletion was requested.")
-    approved_by: str | None = Field(default=None, description="Guardian who approved.")
-    approved_at: datetime | None = Field(default=None, description="When the guardian approved.")
-    not_before: datetime | None = Field(default=None, description="Earliest time the deletion may run.")
-
-
-class LearnerNamespaceStatus(Model):
+class LearnerNamespaceStatus(Status):
     """Observed state, written by the operator."""
 
     observed_generation: int | None = Field(default=None, description="Generation last reconciled.")
     conditions: list[Condition] = Field(
-        default_factory=list, description="Ready, Reconciling, Stalled (kstatus), Degraded, Recovering.",
+        default_factory=list, description="Ready, Reconciling, Stalled (kstatus) and Degraded.",
         json_schema_extra=CONDITIONS_FIELD)
     phase: LearnerPhase | None = Field(default=None, description="Summary phase for humans.")
     ns_uid: str | None = Field(default=None, description="Stable id the namespace and store prefix derive from.")
@@ -227,11 +253,10 @@ class LearnerNamespaceStatus(Model):
     base_model_latest_version: int | None = Field(default=None, description="Latest published base version.")
     version_lag: int | None = Field(
         default=None, description="Latest base version minus the current checkpoint's base version.")
-    deletion: DeletionStatus | None = Field(default=None, description="Guardian deletion progress.")
     kopf: dict[str, Any] | None = Field(default=None, json_schema_extra=KOPF_STATE)
 
 
-class LearnerNamespace(Model):
+class LearnerNamespace(Resource):
     """A learner's private copy of a foundation model: an isolated namespace, nightly merges, checkpoints."""
 
     api_version: Literal["privatefm.io/v1alpha1"] = Field(default="privatefm.io/v1alpha1",
@@ -246,7 +271,6 @@ class LearnerNamespace(Model):
 class MergeTrigger(StrEnum):
     SCHEDULED = "Scheduled"
     MANUAL = "Manual"
-    FALLBACK = "Fallback"
 
 
 class MergePhase(StrEnum):
@@ -261,8 +285,7 @@ class AdapterMergeSpec(Model):
 
     trigger: MergeTrigger = Field(
         default=MergeTrigger.MANUAL,
-        description="Why the run exists: Scheduled (the CronJob fired), Manual (a user) or Fallback "
-                    "(the operator recovering). Default Manual.")
+        description="Why the run exists: Scheduled (the CronJob fired) or Manual (a user). Default Manual.")
     adapter_seq: int | None = Field(
         default=None, ge=0, description="Adapter sequence number to merge; default the newest.")
     base_version: int | None = Field(
@@ -275,7 +298,7 @@ class JobRef(Model):
     uid: str | None = Field(default=None, description="UID of the Job.")
 
 
-class AdapterMergeStatus(Model):
+class AdapterMergeStatus(Status):
     """Observed state of one merge run."""
 
     observed_generation: int | None = Field(default=None, description="Generation last reconciled.")
@@ -297,7 +320,7 @@ class AdapterMergeStatus(Model):
     kopf: dict[str, Any] | None = Field(default=None, json_schema_extra=KOPF_STATE)
 
 
-class AdapterMerge(Model):
+class AdapterMerge(Resource):
     """One run that merges a learner's LoRA adapter into the base model, producing a checkpoint."""
 
     api_version: Literal["privatefm.io/v1alpha1"] = Field(default="privatefm.io/v1alpha1",

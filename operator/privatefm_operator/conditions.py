@@ -1,4 +1,4 @@
-"""kstatus-compatible conditions. Pure functions over plain dicts (the wire form).
+"""kstatus-compatible conditions, as typed ``api.Condition`` models. Pure functions.
 
 ``lastTransitionTime`` changes only when a condition's status changes.
 """
@@ -6,53 +6,43 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
+
+from privatefm_operator.api import Condition, ConditionStatus
 
 READY = "Ready"
 RECONCILING = "Reconciling"
 STALLED = "Stalled"
 DEGRADED = "Degraded"
-RECOVERING = "Recovering"
 
 
-def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def condition(type_: str, status: bool, reason: str, message: str, generation: int | None,
+              at: datetime) -> Condition:
+    return Condition(type=type_, status=ConditionStatus.TRUE if status else ConditionStatus.FALSE, reason=reason,
+                     message=message, observed_generation=generation, last_transition_time=at)
 
 
-def condition(type_: str, status: bool, reason: str, message: str, generation: int | None) -> dict[str, Any]:
-    cond: dict[str, Any] = {"type": type_, "status": "True" if status else "False", "reason": reason,
-                            "message": message}
-    if generation is not None:
-        cond["observedGeneration"] = generation
-    return cond
-
-
-def merge(old: Iterable[dict[str, Any]], new: Iterable[dict[str, Any]], at: str | None = None) -> list[dict[str, Any]]:
+def merge(old: Iterable[Condition], new: Iterable[Condition]) -> list[Condition]:
     """The ``new`` conditions, each keeping its old ``lastTransitionTime`` when its status is unchanged.
 
     Conditions in ``old`` whose type is not in ``new`` are kept as they were.
     """
-    at = at or now()
-    previous = {c["type"]: c for c in old}
+    previous = {c.type: c for c in old}
     result = []
     for cond in new:
-        before = previous.pop(cond["type"], None)
-        stamp = before["lastTransitionTime"] if before and before.get("status") == cond["status"] else at
-        result.append({**cond, "lastTransitionTime": stamp})
+        before = previous.pop(cond.type, None)
+        if before is not None and before.status == cond.status:
+            cond = cond.model_copy(update={"last_transition_time": before.last_transition_time})
+        result.append(cond)
     return result + list(previous.values())
 
 
-def find(conditions: Iterable[dict[str, Any]], type_: str) -> dict[str, Any] | None:
-    return next((c for c in conditions if c.get("type") == type_), None)
-
-
-def kstatus(generation: int | None, *, ready: bool, reconciling: bool, stalled: bool, reason: str,
-            message: str) -> list[dict[str, Any]]:
+def kstatus(generation: int | None, at: datetime, *, ready: bool, reconciling: bool, stalled: bool, reason: str,
+            message: str) -> list[Condition]:
     """The three kstatus conditions for one observation."""
     return [
-        condition(READY, ready, reason, message, generation),
+        condition(READY, ready, reason, message, generation, at),
         condition(RECONCILING, reconciling, reason if reconciling else "Idle", message if reconciling else "",
-                  generation),
-        condition(STALLED, stalled, reason if stalled else "Progressing", message if stalled else "", generation),
+                  generation, at),
+        condition(STALLED, stalled, reason if stalled else "Progressing", message if stalled else "", generation, at),
     ]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from privatefm_merge.contract import MergeResult
 
-from privatefm_operator.api import MergePhase
+from privatefm_operator import conditions
+from privatefm_operator.api import Checkpoint, LearnerNamespaceStatus, LearnerPhase, MergePhase
 
 
 def next_version(last_assigned: int | None, current: int | None) -> int:
@@ -19,6 +21,95 @@ def version_lag(latest_base: int | None, checkpoint_base: int | None) -> int | N
     if latest_base is None or checkpoint_base is None:
         return None
     return max(latest_base - checkpoint_base, 0)
+
+
+def allocate_version(status: LearnerNamespaceStatus) -> LearnerNamespaceStatus:
+    """The learner's status with the next version handed out (the counter only grows)."""
+    current = status.current_checkpoint.version if status.current_checkpoint else None
+    return status.model_copy(update={"last_assigned_version": next_version(status.last_assigned_version, current)})
+
+
+def advance_checkpoint(status: LearnerNamespaceStatus, checkpoint: Checkpoint) -> LearnerNamespaceStatus:
+    """The learner's status with ``checkpoint`` current, unless a newer one already is."""
+    current = status.current_checkpoint.version if status.current_checkpoint else None
+    if not should_advance(current, checkpoint.version):
+        return status
+    return status.model_copy(update={"current_checkpoint": checkpoint})
+
+
+# ---- the learner's observed state ------------------------------------------------------------
+@dataclass(frozen=True)
+class LearnerFacts:
+    """What one reconcile of a LearnerNamespace observed. Empty problems mean "none"."""
+
+    generation: int | None
+    now: datetime
+    spec_problem: str = ""  # the spec could not be read: nothing else was observed
+    ns_uid: str | None = None
+    namespace: str | None = None
+    latest_base: int | None = None
+    base_problem: str = ""  # the base model cannot be used
+    max_lag: int = 3
+
+
+def base_problem(model: str, pinned: int | None, pinned_found: bool, latest: int | None) -> str:
+    """Why the learner's base model cannot be used ("" when it can)."""
+    if pinned is not None and not pinned_found:
+        return f"base model {model} v{pinned} is not in the store"
+    if pinned is None and latest is None:
+        return f"base model {model} has no published version in the store"
+    return ""
+
+
+def learner_status(facts: LearnerFacts, old: LearnerNamespaceStatus) -> LearnerNamespaceStatus:
+    """The learner's phase, lag and conditions from what was observed.
+
+    Evaluated against the freshest status (``old``), so the lag always matches the checkpoint that
+    is current when it is written. The counter and the checkpoint are carried over untouched.
+    """
+    gen, at = facts.generation, facts.now
+    if facts.spec_problem:
+        return old.model_copy(update={"phase": LearnerPhase.FAILED, "conditions": conditions.merge(
+            old.conditions, conditions.kstatus(gen, at, ready=False, reconciling=False, stalled=True,
+                                               reason="InvalidSpec", message=facts.spec_problem[:2000]))})
+    current = old.current_checkpoint
+    lag = version_lag(facts.latest_base, current.base_version if current else None)
+    degraded = lag is not None and lag > facts.max_lag
+    if facts.base_problem:
+        phase, ready, stalled, reason, message = (LearnerPhase.FAILED, False, True, "BaseModelNotFound",
+                                                  facts.base_problem)
+    else:
+        phase = LearnerPhase.DEGRADED if degraded else LearnerPhase.READY
+        ready, stalled = True, False
+        reason = "CheckpointVerified" if current else "Provisioned"
+        message = (f"namespace {facts.namespace} provisioned; "
+                   + (f"checkpoint v{current.version} verified" if current else "no checkpoint yet"))
+    new = [*conditions.kstatus(gen, at, ready=ready, reconciling=False, stalled=stalled, reason=reason,
+                               message=message),
+           conditions.condition(conditions.DEGRADED, degraded, "VersionLag" if degraded else "WithinLag",
+                                f"checkpoint is {lag} base versions behind (max {facts.max_lag})" if degraded
+                                else "", gen, at)]
+    return old.model_copy(update={
+        "phase": phase, "conditions": conditions.merge(old.conditions, new), "ns_uid": facts.ns_uid,
+        "namespace": facts.namespace, "base_model_latest_version": facts.latest_base, "version_lag": lag})
+
+
+# ---- planning a run --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Failure:
+    reason: str
+    message: str
+
+
+def plan_failure(model: str, base_version: int | None, base_found: bool, adapter_seq: int | None,
+                 adapters_prefix: str) -> Failure | None:
+    """Why a run cannot start, or None when it can. Checked before any version is spent."""
+    if base_version is None or not base_found:
+        which = f"v{base_version}" if base_version is not None else "(no published version)"
+        return Failure("BaseModelNotFound", f"base model {model} {which} is not in the store")
+    if adapter_seq is None:
+        return Failure("NoAdapter", f"no adapter under {adapters_prefix}/")
+    return None
 
 
 def base_version_for_run(requested: int | None, current_checkpoint_base: int | None, pinned: int | None,

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from privatefm_merge.clock import rfc3339
 
 FIELD_MANAGER = "privatefm-operator"
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class Kube:
         """A core/v1 Event about ``obj``. Failure to post is logged, never raised."""
         meta = obj["metadata"]
         namespace = meta.get("namespace") or "default"
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = rfc3339()
         body = {
             "apiVersion": "v1", "kind": "Event",
             "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:10]}", "namespace": namespace},

@@ -3,9 +3,12 @@ operator's HTTP endpoints: /metrics, /healthz (liveness) and /readyz (readiness)
 
 from __future__ import annotations
 
+import functools
 import threading
+import time
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, TypeVar, cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
@@ -14,12 +17,11 @@ MERGE_OPERATIONS = Counter("privatefm_merge_operations_total", "Finished merge r
                            ["trigger", "result"])
 MERGE_DURATION = Histogram("privatefm_merge_duration_seconds", "Merge wall time reported by merge pods",
                            buckets=(1, 5, 15, 60, 300, 900, 1800, 3600, 7200, 14400))
-FALLBACK_OPERATIONS = Counter("privatefm_fallback_operations_total", "Re-clones from the base model",
-                              ["result"])
 CHECKPOINT_SIZE = Histogram("privatefm_checkpoint_size_bytes", "Size of verified checkpoints",
                             buckets=tuple(float(2**n) for n in range(20, 41, 2)))
 RECONCILE_DURATION = Histogram("privatefm_reconcile_duration_seconds", "Reconcile latency", ["kind"])
 RECONCILE_ERRORS = Counter("privatefm_reconcile_errors_total", "Reconciles that raised", ["kind"])
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def start_http_server(port: int, ready: Callable[[], bool], host: str = "0.0.0.0") -> ThreadingHTTPServer:
@@ -55,5 +57,20 @@ def init_labels(triggers: Iterable[str]) -> None:
     for trigger in triggers:
         for result in ("succeeded", "failed"):
             MERGE_OPERATIONS.labels(trigger=trigger, result=result)
-    for result in ("completed", "failed"):
-        FALLBACK_OPERATIONS.labels(result=result)
+
+
+def timed(kind: str) -> Callable[[F], F]:
+    """Decorator: reconcile latency and error metrics for one kind of object."""
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            start = time.monotonic()
+            try:
+                return fn(*args, **kwargs)
+            except Exception:
+                RECONCILE_ERRORS.labels(kind=kind).inc()
+                raise
+            finally:
+                RECONCILE_DURATION.labels(kind=kind).observe(time.monotonic() - start)
+        return cast(F, inner)
+    return wrap

@@ -36,6 +36,5 @@ class Settings(BaseSettings):
 
     # Behaviour
     max_version_lag: int = Field(default=3, ge=0)
-    fallback_retry_limit: int = Field(default=3, ge=0)
     resync_seconds: float = Field(default=60.0, gt=0, description="How often drift is repaired")
     http_port: int = Field(default=8080, description="/metrics, /healthz, /readyz")

@@ -52,7 +52,7 @@ def test_pod_success(source: Path, tmp_path: Path) -> None:
     doc = json.loads(manifest)
     assert result.file_count == len(doc["files"]) and result.total_bytes == sum(f["size"] for f in doc["files"])
     assert (doc["version"], doc["parentVersion"], doc["base"]["model"], doc["base"]["version"]) == (2, 1, "tiny", 1)
-    events = [entry["event"] for entry in logs]
+    events = [entry["msg"] for entry in logs]
     assert events[0] == "merge_started" and events[-1] == "merge_succeeded"
     assert "planned" in events and "shard_written" in events
     assert all(entry["level"] == "info" and entry["ts"].endswith("Z") for entry in logs)

@@ -81,17 +81,9 @@ class S3Info:
     region: str = "us-east-1"
 
     def client(self) -> Any:
-        import boto3
-        from botocore.config import Config
+        from privatefm_merge.store import make_s3_client
 
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            region_name=self.region,
-            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3}),
-        )
+        return make_s3_client(self.endpoint, self.region, self.access_key, self.secret_key)
 
     def env(self) -> dict[str, str]:
         """The standard variables boto3 (and the merge image) read."""

@@ -36,17 +36,6 @@ class Kube:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
         return proc
 
-    def kubeconfig_as(self, user: str, groups: tuple[str, ...] = ()) -> Path:
-        """A kubeconfig that impersonates ``user`` (and ``groups``) for authorization tests."""
-        config = yaml.safe_load(self.kubeconfig.read_text())
-        for entry in config["users"]:
-            entry["user"]["as"] = user
-            if groups:
-                entry["user"]["as-groups"] = list(groups)
-        path = self.workdir / f"as-{user.replace(':', '_')}.kubeconfig"
-        path.write_text(yaml.safe_dump(config))
-        return path
-
     def api_client(self, as_user: str | None = None, as_groups: tuple[str, ...] = ()) -> Any:
         from kubernetes import config
 

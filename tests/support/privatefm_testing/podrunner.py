@@ -25,12 +25,12 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from privatefm_merge.clock import rfc3339
 
 NODE = "privatefm-local"
 SELECTOR = "app.kubernetes.io/managed-by=privatefm-operator"
@@ -39,10 +39,6 @@ log = logging.getLogger("privatefm.podrunner")
 _FIELD = re.compile(r"^metadata\.(annotations|labels)\['(.+)'\]$")
 
 Hook = Callable[[dict[str, Any], int], None]
-
-
-def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def field_ref(pod: dict[str, Any], path: str) -> str:
@@ -159,7 +155,7 @@ class PodRunner:
         key = f"{ns}/{name}"
         container = pod["spec"]["containers"][0]
         root = self.workdir / ns / name
-        started = now()
+        started = rfc3339()
         try:
             self._bind(ns, name)
             pod = self.core.api_client.sanitize_for_serialization(self.core.read_namespaced_pod(name, ns))
@@ -195,11 +191,11 @@ class PodRunner:
             if not message and code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
                 message = (root / "container.log").read_bytes()[-MAX_MESSAGE:].decode(errors="replace")
             terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
-                          "message": message, "startedAt": started, "finishedAt": now()}
+                          "message": message, "startedAt": started, "finishedAt": rfc3339()}
         except Exception as err:
             log.warning("pod %s could not run: %s", key, err)
             terminated = {"exitCode": 128, "reason": "StartError", "message": str(err)[:MAX_MESSAGE],
-                          "startedAt": started, "finishedAt": now()}
+                          "startedAt": started, "finishedAt": rfc3339()}
         phase = "Succeeded" if terminated["exitCode"] == 0 else "Failed"
         with contextlib.suppress(ApiException):
             self._status(ns, name, phase, container, {"terminated": terminated})
@@ -236,7 +232,7 @@ class PodRunner:
 
     def _status(self, ns: str, name: str, phase: str, container: dict[str, Any], state: dict[str, Any]) -> None:
         running = phase == "Running"
-        stamp = now()
+        stamp = rfc3339()
         status = {
             "phase": phase, "hostIP": "127.0.0.1", "podIP": "127.0.0.1", "startTime": stamp,
             "conditions": [{"type": t, "status": "True" if running or t == "PodScheduled" else "False",

@@ -1,0 +1,31 @@
+"""One reconciler per resource: ``learner`` (LearnerNamespace), ``merge`` (AdapterMerge) and
+``jobs`` (the merge Jobs' events). Each reconcile is an ordered list of phases over a scope object,
+ending in one status write; decisions are the pure functions in ``decisions``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from privatefm_operator.kube import Kube
+from privatefm_operator.reconcilers.base import Clients
+from privatefm_operator.reconcilers.jobs import JobEvents
+from privatefm_operator.reconcilers.learner import LearnerReconciler
+from privatefm_operator.reconcilers.merge import MergeReconciler
+from privatefm_operator.settings import Settings
+from privatefm_operator.storage import Storage
+
+
+@dataclass(frozen=True)
+class Reconcilers:
+    learners: LearnerReconciler
+    merges: MergeReconciler
+    jobs: JobEvents
+
+
+def build(settings: Settings) -> Reconcilers:
+    """The shared clients, made once (at operator start-up), and the reconcilers that use them."""
+    clients = Clients(Kube(), Storage(settings), settings)
+    learners = LearnerReconciler(clients)
+    merges = MergeReconciler(clients, learners)
+    learners.merges = merges
+    return Reconcilers(learners, merges, JobEvents(clients, merges))

@@ -1,0 +1,191 @@
+"""LearnerNamespace: keep the learner's namespace and its children true, and report what is.
+
+    reconcile = read_spec → provision → observe_base → write status (once) → announce
+
+The learner's status is written only by ``update_status`` below: by this reconcile, and by the
+merge reconciler handing out a version or advancing the checkpoint (both read-modify-write with
+optimistic concurrency, because concurrent merges of one learner race for them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from privatefm_merge.clock import utc_now
+from privatefm_merge.errors import StorageError
+
+from privatefm_operator import builders, decisions, metrics, naming
+from privatefm_operator.api import Checkpoint, LearnerNamespace, LearnerNamespaceStatus
+from privatefm_operator.builders import Learner
+from privatefm_operator.reconcilers.base import (
+    Clients,
+    Invalid,
+    Locks,
+    RetryLater,
+    Step,
+    parse,
+    retry_on_conflict,
+    write_status,
+)
+
+if TYPE_CHECKING:
+    from privatefm_operator.reconcilers.merge import MergeReconciler
+
+log = logging.getLogger("privatefm.operator")
+
+
+def learner_of(lns: LearnerNamespace) -> Learner:
+    """What the builders need; the nsUid, once recorded in status, is kept."""
+    recorded = lns.status.ns_uid if lns.status else None
+    uid = recorded or naming.ns_uid(lns.uid)
+    return Learner(name=lns.name, uid=lns.uid, ns_uid=uid,
+                   namespace=naming.namespace_name(lns.spec.learner_id, uid), spec=lns.spec)
+
+
+@dataclass
+class LearnerScope:
+    """One reconcile's working state: what each phase learned."""
+
+    lns: LearnerNamespace | Invalid
+    learner: Learner | None = None
+    spec_problem: str = ""
+    created: bool = False
+    latest_base: int | None = None
+    base_problem: str = ""
+    announcements: list[Callable[[], None]] = field(default_factory=list)
+
+
+def update_status(clients: Clients, lns: LearnerNamespace | Invalid,
+                  mutate: Callable[[LearnerNamespaceStatus], LearnerNamespaceStatus], *,
+                  observed: bool = False) -> LearnerNamespace | Invalid:
+    """Read-modify-write of one learner's status; no write when nothing changes."""
+    def attempt(n: int) -> LearnerNamespace | Invalid:
+        # After a conflict the object must be read again: someone else wrote its status.
+        current = lns if n == 0 else _fetch(clients, lns.metadata["name"])
+        old = _status_of(current)
+        body = write_status(clients.kube, "LearnerNamespace", current.metadata, old, mutate(old), observed=observed)
+        return current if body is None else parse(LearnerNamespace, body)
+    return retry_on_conflict(attempt)
+
+
+def _status_of(lns: LearnerNamespace | Invalid) -> LearnerNamespaceStatus:
+    if isinstance(lns, LearnerNamespace):
+        return lns.status or LearnerNamespaceStatus()
+    try:
+        return LearnerNamespaceStatus.model_validate(lns.body.get("status") or {})
+    except ValueError:
+        return LearnerNamespaceStatus()
+
+
+def _fetch(clients: Clients, name: str) -> LearnerNamespace | Invalid:
+    body = clients.kube.get("LearnerNamespace", name)
+    if body is None:
+        raise RetryLater(f"LearnerNamespace {name} disappeared")
+    return parse(LearnerNamespace, body)
+
+
+class LearnerReconciler:
+    def __init__(self, clients: Clients) -> None:
+        self.clients = clients
+        self.merges: MergeReconciler | None = None  # set once both exist (they refer to each other)
+        self._locks = Locks()
+        self._known: set[str] = set()
+
+    # ---- entry points ------------------------------------------------------------------------
+    def reconcile(self, lns: LearnerNamespace | Invalid) -> None:
+        """Reconcile, then look again at the learner's open runs (a safety net for missed Job events)."""
+        learner = self.reconcile_only(lns)
+        if learner is not None and self.merges is not None:
+            self.merges.sweep(learner.namespace)
+
+    def reconcile_only(self, lns: LearnerNamespace | Invalid) -> Learner | None:
+        name = lns.metadata["name"]
+        if lns.metadata.get("deletionTimestamp"):
+            return None
+        with self._locks(None, name):
+            self._known.add(name)
+            metrics.LEARNER_NAMESPACES.set(len(self._known))
+            scope = LearnerScope(lns)
+            for phase in (self.read_spec, self.provision, self.observe_base):
+                if phase(scope) is not Step.CONTINUE:
+                    break
+            self.write(scope)
+            for announce in scope.announcements:
+                announce()
+            return scope.learner
+
+    def refresh(self, name: str) -> None:
+        """Re-derive a learner's status after its checkpoint moved (lag, conditions), without the sweep."""
+        body = self.clients.kube.get("LearnerNamespace", name)
+        if body is not None:
+            self.reconcile_only(parse(LearnerNamespace, body))
+
+    def forget(self, name: str) -> None:
+        self._known.discard(name)
+        metrics.LEARNER_NAMESPACES.set(len(self._known))
+
+    # ---- phases ------------------------------------------------------------------------------
+    def read_spec(self, scope: LearnerScope) -> Step:
+        if isinstance(scope.lns, Invalid):  # the CRD schema should have caught it; say so, do nothing
+            scope.spec_problem = scope.lns.error
+            return Step.DONE
+        scope.learner = learner_of(scope.lns)
+        return Step.CONTINUE
+
+    def provision(self, scope: LearnerScope) -> Step:
+        """Applies the Namespace and its children (server-side apply: creates, repairs drift, or no-op)."""
+        learner, kube = scope.learner, self.clients.kube
+        assert learner is not None
+        existing = kube.get("Namespace", learner.namespace)
+        if existing and existing.get("status", {}).get("phase") == "Terminating":
+            raise RetryLater(f"namespace {learner.namespace} is terminating", delay=10)
+        kube.apply(builders.namespace(learner))
+        for child in builders.children(learner, self.clients.settings):
+            kube.apply(child)
+        if existing is None:
+            scope.created = True
+            scope.announcements.append(lambda: self._announce_created(scope))
+        return Step.CONTINUE
+
+    def observe_base(self, scope: LearnerScope) -> Step:
+        learner, storage = scope.learner, self.clients.storage
+        assert learner is not None
+        model = learner.spec.base_model
+        try:
+            scope.latest_base = storage.latest_base_version(model.name)
+            pinned_found = model.version is not None and storage.base_exists(model.name, model.version)
+        except StorageError as err:
+            raise RetryLater(f"store unreachable: {err}", delay=15) from err
+        scope.base_problem = decisions.base_problem(model.name, model.version, pinned_found, scope.latest_base)
+        return Step.CONTINUE
+
+    # ---- the one status write, and what follows it -------------------------------------------
+    def write(self, scope: LearnerScope) -> None:
+        learner = scope.learner
+        facts = decisions.LearnerFacts(
+            generation=scope.lns.metadata.get("generation"), now=utc_now(), spec_problem=scope.spec_problem,
+            ns_uid=learner.ns_uid if learner else None, namespace=learner.namespace if learner else None,
+            latest_base=scope.latest_base, base_problem=scope.base_problem,
+            max_lag=self.clients.settings.max_version_lag)
+        update_status(self.clients, scope.lns, lambda old: decisions.learner_status(facts, old), observed=True)
+
+    def _announce_created(self, scope: LearnerScope) -> None:
+        assert isinstance(scope.lns, LearnerNamespace) and scope.learner is not None
+        namespace = scope.learner.namespace
+        self.clients.kube.event(scope.lns.ref(), "Normal", "NamespaceCreated", f"created namespace {namespace}")
+        log.info("namespace created", extra={"fields": {"learner": scope.lns.name, "namespace": namespace}})
+
+    # ---- used by the merge reconciler --------------------------------------------------------
+    def allocate_version(self, lns: LearnerNamespace) -> int:
+        """Next version for this learner, never handed out twice (optimistic concurrency)."""
+        written = _status_of(update_status(self.clients, lns, decisions.allocate_version))
+        assert written.last_assigned_version is not None
+        return written.last_assigned_version
+
+    def advance(self, lns: LearnerNamespace, checkpoint: Checkpoint) -> None:
+        """Moves currentCheckpoint forward (never back)."""
+        update_status(self.clients, lns, lambda status: decisions.advance_checkpoint(status, checkpoint))
+

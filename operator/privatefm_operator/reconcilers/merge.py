@@ -1,0 +1,312 @@
+"""AdapterMerge: one merge run, from plan to a verified checkpoint.
+
+    reconcile = find_learner → plan → ensure_job → observe_job → accept → write status (once)
+
+``plan`` ends its pass early (REQUEUE): the version it assigned is written to the AdapterMerge
+before any Job exists, so a restarted operator reuses it instead of assigning another. Events and
+metrics of a finished run follow its status write, so a run that is reconciled twice is counted once.
+An AdapterMerge's status is written only by ``MergeReconciler.write``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from privatefm_merge import contract, layout
+from privatefm_merge.clock import rfc3339, utc_now
+from privatefm_merge.errors import StorageError
+
+from privatefm_operator import builders, conditions, decisions, metrics, naming
+from privatefm_operator.api import (
+    AdapterMerge,
+    AdapterMergeStatus,
+    Checkpoint,
+    JobRef,
+    LearnerNamespace,
+    MergePhase,
+    MergeTrigger,
+)
+from privatefm_operator.builders import Learner
+from privatefm_operator.reconcilers.base import (
+    Clients,
+    Invalid,
+    Locks,
+    RetryLater,
+    Stale,
+    Step,
+    parse,
+    retry_on_conflict,
+    write_status,
+)
+from privatefm_operator.reconcilers.learner import LearnerReconciler, learner_of
+
+log = logging.getLogger("privatefm.operator")
+TERMINAL = (MergePhase.SUCCEEDED, MergePhase.FAILED)
+MESSAGE_LIMIT = 4000
+
+
+@dataclass
+class MergeScope:
+    """One pass's working state. ``status`` is what will be written at the end of the pass."""
+
+    am: AdapterMerge | Invalid
+    status: AdapterMergeStatus
+    lns: LearnerNamespace | None = None
+    learner: Learner | None = None
+    job: dict[str, Any] | None = None
+    result: contract.MergeResult | None = None
+    after_write: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def merge(self) -> AdapterMerge:
+        assert isinstance(self.am, AdapterMerge)
+        return self.am
+
+
+def _status_of(am: AdapterMerge | Invalid) -> AdapterMergeStatus:
+    if isinstance(am, AdapterMerge):
+        return am.status or AdapterMergeStatus()
+    try:
+        return AdapterMergeStatus.model_validate(am.body.get("status") or {})
+    except ValueError:
+        return AdapterMergeStatus()
+
+
+class MergeReconciler:
+    def __init__(self, clients: Clients, learners: LearnerReconciler) -> None:
+        self.clients = clients
+        self.learners = learners
+        self._locks = Locks()
+
+    # ---- entry points ------------------------------------------------------------------------
+    def reconcile(self, am: AdapterMerge | Invalid) -> None:
+        meta = am.metadata
+        with self._locks(meta["namespace"], meta["name"]):
+            retry_on_conflict(lambda n: self._passes(am if n == 0 else self._fetch(meta["namespace"], meta["name"])))
+
+    def reconcile_named(self, namespace: str, name: str) -> None:
+        """For a Job's event: the AdapterMerge itself must be read, the event carried only the Job."""
+        am = self._fetch(namespace, name)
+        if am is not None:
+            self.reconcile(am)
+
+    def sweep(self, namespace: str) -> None:
+        """Every open run in a learner's namespace, looked at again."""
+        for body in self.clients.kube.list("AdapterMerge", namespace):
+            am = parse(AdapterMerge, body)
+            if _status_of(am).phase not in TERMINAL:
+                self.reconcile(am)
+
+    def _fetch(self, namespace: str, name: str) -> AdapterMerge | Invalid | None:
+        body = self.clients.kube.get("AdapterMerge", name, namespace)
+        return None if body is None else parse(AdapterMerge, body)
+
+    def _passes(self, am: AdapterMerge | Invalid | None) -> None:
+        while am is not None and _status_of(am).phase not in TERMINAL:
+            scope = MergeScope(am, _status_of(am).model_copy())
+            step = self._run_phases(scope)
+            body = self.write(scope)
+            for effect in scope.after_write:
+                effect()
+            am = parse(AdapterMerge, body) if body is not None and step is Step.REQUEUE else None
+
+    def _run_phases(self, scope: MergeScope) -> Step:
+        for phase in (self.find_learner, self.plan, self.ensure_job, self.observe_job, self.accept):
+            step = phase(scope)
+            if step is not Step.CONTINUE:
+                return step
+        return Step.DONE
+
+    # ---- phases ------------------------------------------------------------------------------
+    def find_learner(self, scope: MergeScope) -> Step:
+        namespace = scope.am.metadata["namespace"]
+        ns = self.clients.kube.get("Namespace", namespace)
+        name = ((ns or {}).get("metadata", {}).get("labels") or {}).get(naming.LABEL_LEARNER)
+        body = self.clients.kube.get("LearnerNamespace", name) if name else None
+        if body is None:
+            return self.finish(scope, MergePhase.FAILED, "LearnerNotFound",
+                               f"namespace {namespace} belongs to no LearnerNamespace")
+        lns = parse(LearnerNamespace, body)
+        if isinstance(scope.am, Invalid) or isinstance(lns, Invalid):
+            error = scope.am.error if isinstance(scope.am, Invalid) else getattr(lns, "error", "")
+            return self.finish(scope, MergePhase.FAILED, "InvalidSpec", error)
+        scope.lns, scope.learner = lns, learner_of(lns)
+        return Step.CONTINUE
+
+    def plan(self, scope: MergeScope) -> Step:
+        """Picks base, adapter and parent, and assigns the next version."""
+        if scope.status.target_version:
+            return Step.CONTINUE
+        self._ensure_fresh(scope, "planning spends a version")
+        learner, lns, storage = scope.learner, scope.lns, self.clients.storage
+        assert learner is not None and lns is not None
+        spec, current = scope.merge.spec, (lns.status.current_checkpoint if lns.status else None)
+        model = learner.spec.base_model
+        try:
+            base = decisions.base_version_for_run(spec.base_version, current.base_version if current else None,
+                                                  model.version, storage.latest_base_version(model.name))
+            adapter = spec.adapter_seq if spec.adapter_seq is not None else storage.latest_adapter_seq(learner.ns_uid)
+            base_found = base is not None and storage.base_exists(model.name, base)
+        except StorageError as err:
+            raise RetryLater(f"store unreachable: {err}", delay=15) from err
+        failure = decisions.plan_failure(model.name, base, base_found, adapter,
+                                         f"{layout.learner_prefix(learner.ns_uid)}/adapters")
+        if failure is not None:
+            return self.finish(scope, MergePhase.FAILED, failure.reason, failure.message)
+        target = self.learners.allocate_version(lns)
+        scope.status = scope.status.model_copy(update={
+            "phase": MergePhase.PENDING, "learner": learner.name, "target_version": target,
+            "parent_version": current.version if current else None, "base_version": base, "adapter_seq": adapter,
+            "job": JobRef(name=scope.merge.name)})
+        log.info("merge planned", extra={"fields": {"learner": learner.name, "merge": scope.merge.name,
+                                                    "version": target, "base": base, "adapter": adapter}})
+        return Step.REQUEUE
+
+    def ensure_job(self, scope: MergeScope) -> Step:
+        """Creates a manual run's Job, or hands a suspended scheduled Job its parameters and starts it."""
+        am, learner, kube = scope.merge, scope.learner, self.clients.kube
+        assert learner is not None and am.namespace is not None
+        params = builders.job_params(self.merge_job(learner, scope.status))
+        job = kube.get("Job", am.name, am.namespace)
+        if job is None:
+            if am.spec.trigger == MergeTrigger.SCHEDULED:  # the CronJob's Job is gone; nothing to run
+                return self.finish(scope, MergePhase.FAILED, "JobLost", f"Job {am.name} no longer exists")
+            owner = {"apiVersion": am.api_version, "kind": am.kind, "name": am.name, "uid": am.uid,
+                     "controller": True, "blockOwnerDeletion": True}
+            kube.create(builders.merge_job(learner, self.clients.settings, am.name, am.spec.trigger, params, owner))
+            job = kube.get("Job", am.name, am.namespace)
+        elif job["spec"].get("suspend"):
+            # Mutable while a Job is suspended and has never started: the run's parameters.
+            job = kube.patch("Job", am.name, {"spec": {"suspend": False, "template": {"metadata": {
+                "annotations": params}}}}, am.namespace)
+        if job is None:
+            return self.finish(scope, MergePhase.FAILED, "JobLost", f"Job {am.name} no longer exists")
+        scope.job = job
+        return Step.CONTINUE
+
+    def observe_job(self, scope: MergeScope) -> Step:
+        job_status = (scope.job or {}).get("status") or {}
+        message = self._termination_message(scope) if decisions.job_finished(job_status) else None
+        outcome = decisions.job_outcome(job_status, message)
+        scope.result = outcome.result
+        if outcome.phase in (MergePhase.PENDING, MergePhase.RUNNING):
+            if scope.status.phase != outcome.phase:
+                started = utc_now() if outcome.phase == MergePhase.RUNNING else scope.status.started_at
+                scope.status = scope.status.model_copy(update={
+                    "phase": outcome.phase, "started_at": started,
+                    "conditions": conditions.merge(scope.status.conditions, conditions.kstatus(
+                        scope.merge.generation, utc_now(), ready=False, reconciling=True, stalled=False,
+                        reason=outcome.reason, message=outcome.message))})
+            return Step.DONE
+        if outcome.phase == MergePhase.FAILED or outcome.result is None:
+            return self.finish(scope, MergePhase.FAILED, outcome.reason, outcome.message)
+        return Step.CONTINUE
+
+    def accept(self, scope: MergeScope) -> Step:
+        """Verify the checkpoint from the store itself; only then is it a checkpoint."""
+        learner, lns, result, status = scope.learner, scope.lns, scope.result, scope.status
+        assert learner is not None and lns is not None and result is not None and status.target_version
+        target = status.target_version
+        prefix = layout.checkpoint_prefix(learner.ns_uid, target)
+        uri = self.clients.storage.uri(prefix)
+        self._ensure_fresh(scope, "rehashing a checkpoint reads all of it")
+        try:
+            report = self.clients.storage.verify(prefix)
+        except StorageError as err:
+            raise RetryLater(f"could not read {uri}: {err}", delay=15) from err
+        if not report.exists or report.manifest is None or report.manifest_sha256 is None:
+            verdict = decisions.Acceptance(False, "VerificationFailed", f"{uri}: {report.message}")
+        else:
+            verdict = decisions.accept_checkpoint(result, target, report.manifest_sha256, report.manifest.version,
+                                                  report.bad_files)
+        if not verdict.accepted:
+            return self.finish(scope, MergePhase.FAILED, verdict.reason, verdict.message)
+        assert report.manifest_sha256 is not None and status.base_version is not None
+        checkpoint = Checkpoint(version=target, uri=uri, manifest_sha256=report.manifest_sha256,
+                                base_version=status.base_version, adapter_seq=status.adapter_seq,
+                                size_bytes=report.total_bytes, verified_at=utc_now())
+        # Before the run is marked done, so a crash in between advances on the next pass.
+        self.learners.advance(lns, checkpoint)
+        scope.after_write += [
+            lambda: metrics.CHECKPOINT_SIZE.observe(report.total_bytes),
+            lambda: self.clients.storage.append_event(learner.ns_uid, "merge", {
+                "type": "MergeCompleted", "version": target, "baseVersion": checkpoint.base_version,
+                "adapterSeq": checkpoint.adapter_seq, "manifestSha256": checkpoint.manifest_sha256,
+                "merge": scope.merge.name, "at": rfc3339(checkpoint.verified_at)}),
+            lambda: self.learners.refresh(lns.name),
+        ]
+        return self.finish(scope, MergePhase.SUCCEEDED, verdict.reason, verdict.message, checkpoint)
+
+    # ---- a run's end -------------------------------------------------------------------------
+    def finish(self, scope: MergeScope, phase: MergePhase, reason: str, message: str,
+               checkpoint: Checkpoint | None = None) -> Step:
+        """Records the outcome; its Events and metrics follow the status write."""
+        succeeded, message = phase == MergePhase.SUCCEEDED, message[:MESSAGE_LIMIT]
+        generation = scope.am.metadata.get("generation")
+        duration = scope.result.duration_seconds if scope.result else None
+        scope.status = scope.status.model_copy(update={
+            "phase": phase, "reason": reason, "message": message, "completed_at": utc_now(),
+            "duration_seconds": duration if duration is not None else scope.status.duration_seconds,
+            "checkpoint": checkpoint or scope.status.checkpoint,
+            "conditions": conditions.merge(scope.status.conditions, conditions.kstatus(
+                generation, utc_now(), ready=succeeded, reconciling=False, stalled=not succeeded, reason=reason,
+                message=message))})
+        scope.after_write.insert(0, lambda: self._announce(scope, phase, reason, message, checkpoint))
+        return Step.DONE
+
+    def _announce(self, scope: MergeScope, phase: MergePhase, reason: str, message: str,
+                  checkpoint: Checkpoint | None) -> None:
+        meta, kube = scope.am.metadata, self.clients.kube
+        succeeded = phase == MergePhase.SUCCEEDED
+        trigger = scope.am.spec.trigger.value if isinstance(scope.am, AdapterMerge) else MergeTrigger.MANUAL.value
+        metrics.MERGE_OPERATIONS.labels(trigger=trigger, result="succeeded" if succeeded else "failed").inc()
+        if scope.result is not None and scope.result.duration_seconds:
+            metrics.MERGE_DURATION.observe(scope.result.duration_seconds)
+        version = scope.status.target_version
+        if succeeded:
+            type_, event = "Normal", "MergeCompleted"
+            text = f"checkpoint v{version} verified ({checkpoint.size_bytes if checkpoint else None} bytes)"
+        else:
+            type_, event, text = "Warning", "MergeFailed", f"{reason}: {message}"
+        kube.event(scope.am.ref(), type_, event, text)
+        if scope.lns is not None:
+            kube.event(scope.lns.ref(), type_, event, f"{meta['name']}: {text}")
+        log.info("merge finished", extra={"fields": {"merge": meta["name"], "namespace": meta["namespace"],
+                                                     "phase": phase.value, "reason": reason, "version": version}})
+
+    # ---- the one status write ----------------------------------------------------------------
+    def write(self, scope: MergeScope) -> dict[str, Any] | None:
+        return write_status(self.clients.kube, "AdapterMerge", scope.am.metadata, _status_of(scope.am),
+                            scope.status, observed=True)
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _ensure_fresh(self, scope: MergeScope, why: str) -> None:
+        """A fresh read, where acting on a stale body would cost something (``why``): the body we were
+        handed (an event's, or the sweep's list) may predate what another pass has since written."""
+        fresh = self._fetch(scope.merge.namespace or "", scope.merge.name)
+        if fresh is None or fresh.metadata.get("resourceVersion") != scope.am.metadata.get("resourceVersion"):
+            log.debug("stale AdapterMerge %s before %s", scope.merge.name, why)
+            raise Stale(scope.merge.name)
+
+    def merge_job(self, learner: Learner, status: AdapterMergeStatus) -> contract.MergeJob:
+        model, storage = learner.spec.base_model.name, self.clients.storage
+        assert status.base_version is not None and status.adapter_seq is not None and status.target_version
+        return contract.MergeJob(
+            base_uri=storage.uri(layout.base_prefix(model, status.base_version)),
+            adapter_uri=storage.uri(layout.adapter_prefix(learner.ns_uid, status.adapter_seq)),
+            output_uri=storage.uri(layout.checkpoint_prefix(learner.ns_uid, status.target_version)),
+            base_model=model, base_version=status.base_version, parent_version=status.parent_version,
+            target_version=status.target_version)
+
+    def _termination_message(self, scope: MergeScope) -> str | None:
+        namespace, name = scope.merge.namespace, scope.merge.name
+        pods = self.clients.kube.list("Pod", namespace, selector=f"{naming.JOB_NAME_LABEL}={name}")
+        for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""), reverse=True):
+            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+                terminated = (cs.get("state") or {}).get("terminated")
+                if terminated and terminated.get("message"):
+                    return str(terminated["message"])
+        return None
