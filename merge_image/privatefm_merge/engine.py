@@ -72,7 +72,6 @@ from privatefm_merge.store import (
     ReadStream,
     Store,
     open_store,
-    sha256_stream,
 )
 
 MiB = 1024 * 1024
@@ -159,15 +158,6 @@ def check_output_allowed(output_uri: str, *inputs: str) -> None:
 # Planning
 
 
-def _digest_of(store: Store, name: str) -> FileEntry:
-    stream = store.open_read(name)
-    try:
-        size, digest = sha256_stream(stream)
-    finally:
-        stream.close()
-    return FileEntry(name=name, size=size, sha256=digest)
-
-
 def _plan(base: Store, adapter: Store) -> _Plan:
     # The adapter.
     try:
@@ -185,7 +175,7 @@ def _plan(base: Store, adapter: Store) -> _Plan:
         raise adapter_invalid(str(err)) from None
     adapter_files = [
         FileEntry(name=ADAPTER_CONFIG_NAME, size=len(config_bytes), sha256=sha256_hex(config_bytes)),
-        _digest_of(adapter, ADAPTER_WEIGHTS_NAME),
+        FileEntry.of(adapter.digest(ADAPTER_WEIGHTS_NAME)),
     ]
 
     # The base.

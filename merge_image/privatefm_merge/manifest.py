@@ -11,12 +11,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 from privatefm_merge.layout import MANIFEST_NAME
+
+if TYPE_CHECKING:
+    from privatefm_merge.store import FileDigest
 
 FORMAT_VERSION = 1
 
@@ -29,6 +32,10 @@ class FileEntry(_Model):
     name: str
     size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @classmethod
+    def of(cls, digest: FileDigest) -> FileEntry:
+        return cls(name=digest.name, size=digest.size, sha256=digest.sha256)
 
     @field_validator("name")
     @classmethod

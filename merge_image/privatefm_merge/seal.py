@@ -18,17 +18,8 @@ from privatefm_merge.contract import Reason
 from privatefm_merge.errors import MergeError
 from privatefm_merge.layout import MANIFEST_NAME
 from privatefm_merge.manifest import BaseInfo, FileEntry, Manifest, ToolInfo, check_sizes, sha256_hex
-from privatefm_merge.store import Store, open_store, sha256_stream
+from privatefm_merge.store import open_store
 from privatefm_merge.verify import ManifestNotFound, read_manifest
-
-
-def _entry(store: Store, name: str) -> FileEntry:
-    stream = store.open_read(name)
-    try:
-        size, digest = sha256_stream(stream)
-    finally:
-        stream.close()
-    return FileEntry(name=name, size=size, sha256=digest)
 
 
 def seal_checkpoint(uri: str, *, version: int | None = None, s3_client: Any = None,
@@ -42,7 +33,7 @@ def seal_checkpoint(uri: str, *, version: int | None = None, s3_client: Any = No
     if not names:
         raise MergeError(Reason.BASE_INVALID, f"{uri} holds no files")
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="seal") as pool:
-        files = list(pool.map(lambda name: _entry(store, name), names))
+        files = list(pool.map(lambda name: FileEntry.of(store.digest(name)), names))
     manifest = Manifest(tool=ToolInfo(name=TOOL_NAME, version=tool_version()), created_at=rfc3339(),
                         version=version, files=files)
     data = manifest.to_bytes()

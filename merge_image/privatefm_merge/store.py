@@ -177,6 +177,15 @@ class Store(ABC):
     def exists(self, name: str) -> bool:
         return self.stat(name) is not None
 
+    def digest(self, name: str) -> FileDigest:
+        """Size and sha256 of one object, streamed in bounded chunks."""
+        stream = self.open_read(name)
+        try:
+            size, sha = sha256_stream(stream)
+        finally:
+            stream.close()
+        return FileDigest(name, size, sha)
+
     def read_bytes(self, name: str) -> bytes:
         stream = self.open_read(name)
         try:

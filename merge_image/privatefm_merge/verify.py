@@ -26,7 +26,7 @@ from privatefm_merge.manifest import (
     parse_manifest,
     sha256_hex,
 )
-from privatefm_merge.store import Store, open_store, sha256_stream
+from privatefm_merge.store import Store, open_store
 
 NO_MANIFEST = "no manifest: version does not exist"
 
@@ -73,14 +73,10 @@ def read_manifest(uri: str, s3_client: Any = None, *, store: Store | None = None
 
 def _hash_one(store: Store, entry: FileEntry) -> FileProblem | None:
     try:
-        stream = store.open_read(entry.name)
+        found = store.digest(entry.name)
     except NotFoundError:
         return FileProblem(entry.name, "missing", "missing")
-    try:
-        size, digest = sha256_stream(stream)
-    finally:
-        stream.close()
-    return check_digest(entry, size, digest)
+    return check_digest(entry, found.size, found.sha256)
 
 
 def verify_checkpoint(uri: str, *, s3_client: Any = None, hash_files: bool = True,

@@ -46,9 +46,15 @@ class Model(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
+KOPF_STATE: dict[str, Any] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                              "description": "Handler progress kept by the kopf framework. Internal."}
+
+
 class Status(Model):
     """An object's status as the operator writes it. ``kopf`` is the framework's own progress
     record: read, never written back by us (kopf patches it itself)."""
+
+    kopf: dict[str, Any] | None = Field(default=None, json_schema_extra=KOPF_STATE)
 
     def wire(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True, exclude_none=True, mode="json", exclude={"kopf"})
@@ -59,7 +65,7 @@ class Resource(Model):
 
     api_version: str
     kind: str
-    metadata: dict[str, Any]
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
 
     @property
     def name(self) -> str:
@@ -113,8 +119,6 @@ CONDITIONS_FIELD: dict[str, Any] = {
     "x-kubernetes-list-type": "map",
     "x-kubernetes-list-map-keys": ["type"],
 }
-KOPF_STATE: dict[str, Any] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
-                              "description": "Handler progress kept by the kopf framework. Internal."}
 
 
 class Toleration(Model):
@@ -253,7 +257,6 @@ class LearnerNamespaceStatus(Status):
     base_model_latest_version: int | None = Field(default=None, description="Latest published base version.")
     version_lag: int | None = Field(
         default=None, description="Latest base version minus the current checkpoint's base version.")
-    kopf: dict[str, Any] | None = Field(default=None, json_schema_extra=KOPF_STATE)
 
 
 class LearnerNamespace(Resource):
@@ -262,7 +265,6 @@ class LearnerNamespace(Resource):
     api_version: Literal["privatefm.io/v1alpha1"] = Field(default="privatefm.io/v1alpha1",
                                                           description="privatefm.io/v1alpha1")
     kind: Literal["LearnerNamespace"] = Field(default="LearnerNamespace", description="LearnerNamespace")
-    metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
     spec: LearnerNamespaceSpec = Field(description="Desired state.")
     status: LearnerNamespaceStatus | None = Field(default=None, description="Observed state.")
 
@@ -317,7 +319,6 @@ class AdapterMergeStatus(Status):
     checkpoint: Checkpoint | None = Field(default=None, description="The verified checkpoint this run produced.")
     reason: str | None = Field(default=None, description="CamelCase reason of the outcome.")
     message: str | None = Field(default=None, description="Details of the outcome.")
-    kopf: dict[str, Any] | None = Field(default=None, json_schema_extra=KOPF_STATE)
 
 
 class AdapterMerge(Resource):
@@ -326,7 +327,6 @@ class AdapterMerge(Resource):
     api_version: Literal["privatefm.io/v1alpha1"] = Field(default="privatefm.io/v1alpha1",
                                                           description="privatefm.io/v1alpha1")
     kind: Literal["AdapterMerge"] = Field(default="AdapterMerge", description="AdapterMerge")
-    metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
     spec: AdapterMergeSpec = Field(
         default_factory=AdapterMergeSpec, description="What to merge. Immutable.",
         json_schema_extra={"x-kubernetes-validations": [cel("self == oldSelf", "spec is immutable")]})

@@ -19,6 +19,7 @@ from privatefm_operator.storage import Storage
 
 T = TypeVar("T")
 R = TypeVar("R", bound=Resource)
+S = TypeVar("S", bound=Status)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,17 @@ def parse(model: type[R], body: Mapping[str, Any]) -> R | Invalid:
         return model.model_validate(dict(body))
     except ValidationError as err:
         return Invalid(body, str(err))
+
+
+def status_of(obj: Resource | Invalid, model: type[S]) -> S:
+    """The object's status as its model (empty when there is none, or when it does not parse)."""
+    raw = obj.body.get("status") if isinstance(obj, Invalid) else getattr(obj, "status", None)
+    if isinstance(raw, model):
+        return raw
+    try:
+        return model.model_validate(raw or {})
+    except ValidationError:
+        return model()
 
 
 def retry_on_conflict(attempt: Callable[[int], T], tries: int = 20) -> T:

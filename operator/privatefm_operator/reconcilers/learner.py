@@ -28,6 +28,7 @@ from privatefm_operator.reconcilers.base import (
     Step,
     parse,
     retry_on_conflict,
+    status_of,
     write_status,
 )
 
@@ -65,19 +66,10 @@ def update_status(clients: Clients, lns: LearnerNamespace | Invalid,
     def attempt(n: int) -> LearnerNamespace | Invalid:
         # After a conflict the object must be read again: someone else wrote its status.
         current = lns if n == 0 else _fetch(clients, lns.metadata["name"])
-        old = _status_of(current)
+        old = status_of(current, LearnerNamespaceStatus)
         body = write_status(clients.kube, "LearnerNamespace", current.metadata, old, mutate(old), observed=observed)
         return current if body is None else parse(LearnerNamespace, body)
     return retry_on_conflict(attempt)
-
-
-def _status_of(lns: LearnerNamespace | Invalid) -> LearnerNamespaceStatus:
-    if isinstance(lns, LearnerNamespace):
-        return lns.status or LearnerNamespaceStatus()
-    try:
-        return LearnerNamespaceStatus.model_validate(lns.body.get("status") or {})
-    except ValueError:
-        return LearnerNamespaceStatus()
 
 
 def _fetch(clients: Clients, name: str) -> LearnerNamespace | Invalid:
@@ -181,7 +173,7 @@ class LearnerReconciler:
     # ---- used by the merge reconciler --------------------------------------------------------
     def allocate_version(self, lns: LearnerNamespace) -> int:
         """Next version for this learner, never handed out twice (optimistic concurrency)."""
-        written = _status_of(update_status(self.clients, lns, decisions.allocate_version))
+        written = status_of(update_status(self.clients, lns, decisions.allocate_version), LearnerNamespaceStatus)
         assert written.last_assigned_version is not None
         return written.last_assigned_version
 

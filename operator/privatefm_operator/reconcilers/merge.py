@@ -39,6 +39,7 @@ from privatefm_operator.reconcilers.base import (
     Step,
     parse,
     retry_on_conflict,
+    status_of,
     write_status,
 )
 from privatefm_operator.reconcilers.learner import LearnerReconciler, learner_of
@@ -67,12 +68,7 @@ class MergeScope:
 
 
 def _status_of(am: AdapterMerge | Invalid) -> AdapterMergeStatus:
-    if isinstance(am, AdapterMerge):
-        return am.status or AdapterMergeStatus()
-    try:
-        return AdapterMergeStatus.model_validate(am.body.get("status") or {})
-    except ValueError:
-        return AdapterMergeStatus()
+    return status_of(am, AdapterMergeStatus)
 
 
 class MergeReconciler:
