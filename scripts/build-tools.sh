@@ -5,7 +5,6 @@
 #
 #   kube-apiserver, kube-controller-manager, kubectl  k8s.io/kubernetes via a wrapper module
 #   helm                                               go install helm.sh/helm/v3/cmd/helm
-#   versitygw (S3 server)                              go install github.com/versity/versitygw/cmd/versitygw
 #   minio (S3 server enforcing IAM/STS policies)       go install github.com/minio/minio
 #   etcd                                               Debian's etcd-server (3.4.23 supports k8s <= 1.33)
 set -euo pipefail
@@ -59,7 +58,6 @@ go_install() {  # name module@version
   ln -sf "$dir/$name" "$BIN/$name"
 }
 go_install helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
-go_install versitygw "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION"
 go_install minio "github.com/minio/minio@$MINIO_VERSION"
 
 if ! command -v etcd >/dev/null 2>&1; then

@@ -1,7 +1,7 @@
 """Session-wide real control plane and S3 server, with per-test isolation.
 
 ``--cluster=local`` (default) starts etcd, kube-apiserver, kube-controller-manager and
-versitygw on loopback from the pinned builds. ``--cluster=kind`` uses pytest-kind and skips
+MinIO on loopback from the pinned builds. ``--cluster=kind`` uses pytest-kind and skips
 with a reason where no Docker engine answers. Tests that only need pure functions use
 neither fixture and need no server.
 """
@@ -73,7 +73,7 @@ def kube(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture(scope="session")
 def s3(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Info]:
-    """The real S3 server (versitygw) with the test bucket; beside a kind cluster it runs alone."""
+    """The real S3 server (MinIO) with the test bucket and its identities; beside a kind cluster it runs alone."""
     if request.config.getoption("--cluster") == "local":
         cluster: LocalCluster = request.getfixturevalue("local_cluster")
         assert cluster.state is not None

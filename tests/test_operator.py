@@ -57,7 +57,7 @@ def operator_kubeconfig(kube: Kube) -> Path:
 
 @pytest.fixture(scope="session")
 def base_model(s3: S3Info) -> str:
-    return seed.publish_base(s3.client(), s3.bucket, version=1)
+    return seed.publish_base(s3.publisher.client(retries=3), s3.bucket, version=1)  # the publisher's job
 
 
 class Hooks:

@@ -333,7 +333,8 @@ class LocalStore(Store):
 
 
 def make_s3_client(endpoint: str | None = None, region: str | None = None, access_key: str | None = None,
-                   secret_key: str | None = None) -> Any:
+                   secret_key: str | None = None, session_token: str | None = None, *,
+                   max_attempts: int = 5) -> Any:
     """The one boto3 S3 client factory: path-style addressing, bounded retries.
 
     Anything left None comes from boto3's default chain (``AWS_*`` variables, web identity / IRSA,
@@ -344,7 +345,7 @@ def make_s3_client(endpoint: str | None = None, region: str | None = None, acces
 
     options: dict[str, Any] = {
         "s3": {"addressing_style": "path"},
-        "retries": {"max_attempts": 5, "mode": "standard"},
+        "retries": {"max_attempts": max_attempts, "mode": "standard"},
         "max_pool_connections": 16,
     }
     try:  # botocore >= 1.36: only send/check the newer default checksums where required,
@@ -355,7 +356,7 @@ def make_s3_client(endpoint: str | None = None, region: str | None = None, acces
         config = Config(**options)
     return boto3.client("s3", endpoint_url=endpoint or None, region_name=region or DEFAULT_S3_REGION,
                         aws_access_key_id=access_key or None, aws_secret_access_key=secret_key or None,
-                        config=config)
+                        aws_session_token=session_token or None, config=config)
 
 
 def s3_client_from_env(env: Mapping[str, str] | None = None) -> Any:
@@ -611,25 +612,37 @@ class S3Store(Store):
     def delete_prefix(self, prefix: str = "") -> int:
         """Deletes the objects and aborts unfinished multipart uploads under ``prefix``."""
         key_prefix = self._list_prefix(prefix)
-        keys = [f"{self.prefix}/{o.name}" if self.prefix else o.name for o in self.list_files(prefix)]
+        names = [o.name for o in self.list_files(prefix)]
+        keys = [self.key(n) for n in names]
         try:
             for i in range(0, len(keys), 1000):
                 batch = [{"Key": k} for k in keys[i: i + 1000]]
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
-            for upload in self.incomplete_uploads(prefix):
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
-                                                   UploadId=upload["UploadId"])
+            self.abort_uploads(prefix, names)
         except _botocore_errors() as err:
             raise StorageError(f"deleting {self.uri}/{key_prefix}: {err}") from err
         return len(keys)
 
-    def incomplete_uploads(self, prefix: str = "") -> list[dict[str, Any]]:
-        """Unfinished multipart uploads under ``prefix`` (each with Key and UploadId)."""
-        uploads: list[dict[str, Any]] = []
+    def incomplete_uploads(self, prefix: str = "", names: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """Unfinished multipart uploads under ``prefix`` and of the objects ``names`` (each with Key
+        and UploadId). ``names`` is for stores that list uploads of one exact key only (MinIO
+        answers a directory prefix with nothing), so a caller that knows its keys finds them there too."""
+        found: dict[str, dict[str, Any]] = {}
         paginator = self.client.get_paginator("list_multipart_uploads")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._list_prefix(prefix)):
-            uploads.extend(page.get("Uploads", []))
-        return uploads
+        for key_prefix in (self._list_prefix(prefix), *(self.key(n) for n in names)):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=key_prefix):
+                found.update({u["UploadId"]: u for u in page.get("Uploads", [])})
+        return list(found.values())
+
+    def abort_uploads(self, prefix: str = "", names: Iterable[str] = ()) -> int:
+        """Aborts what ``incomplete_uploads`` finds; returns how many."""
+        try:
+            uploads = self.incomplete_uploads(prefix, names)
+            for upload in uploads:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        except _botocore_errors() as err:
+            raise StorageError(f"aborting uploads under {self.uri}/{prefix}: {err}") from err
+        return len(uploads)
 
     def _copy_within(self, source: Store, src_name: str, dst_name: str) -> bool:
         same_endpoint = isinstance(source, S3Store) and \

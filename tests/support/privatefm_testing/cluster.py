@@ -3,7 +3,7 @@
 Starts etcd, kube-apiserver (RBAC, default admission incl. PodSecurity and
 ValidatingAdmissionPolicy, service-account token signing), kube-controller-manager
 (namespace, garbage-collector, job, cronjob, serviceaccount, resourcequota, ...) and
-versitygw (S3 over a POSIX directory) from the binaries ``scripts/build-tools.sh``
+MinIO (S3 that enforces IAM and STS session policies) from the binaries ``scripts/build-tools.sh``
 builds. Every process runs in its own process group and is stopped with the cluster;
 the PIDs are recorded in ``<dir>/cluster.json`` so another shell can stop it too.
 """
@@ -30,6 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 CACHE = Path(os.environ.get("PRIVATEFM_CACHE", Path.home() / ".cache" / "privatefm"))
 BIN = CACHE / "bin"
 
+REGION = "us-east-1"
 CONTROLLERS = (
     "namespace-controller",
     "garbage-collector-controller",
@@ -46,7 +47,7 @@ ADMIN_USER = "privatefm-admin"
 
 def ensure_tools() -> Path:
     """Builds whatever component is missing (cached under ~/.cache) and returns the bin dir."""
-    wanted = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm", "versitygw")
+    wanted = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm", "minio")
     if not all((BIN / name).exists() for name in wanted):
         subprocess.run(["bash", str(REPO_ROOT / "scripts" / "build-tools.sh")], check=True)
     return BIN
@@ -72,27 +73,89 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-@dataclass
-class S3Info:
+@dataclass(frozen=True)
+class Credentials:
+    """One identity's S3 credentials at one endpoint; ``session_token`` for temporary ones."""
+
     endpoint: str
     access_key: str
     secret_key: str
-    bucket: str
-    region: str = "us-east-1"
+    session_token: str | None = None
+    region: str = REGION
 
-    def client(self) -> Any:
-        from privatefm_merge.store import make_s3_client
+    def client(self, service: str = "s3", *, retries: int = 1, **config: Any) -> Any:
+        """A boto3 client (S3 through the project's one factory). One attempt by default: a denial
+        is the answer, and a test should see it at once. ``config`` adds botocore options."""
+        if service == "s3" and not config:
+            from privatefm_merge.store import make_s3_client
 
-        return make_s3_client(self.endpoint, self.region, self.access_key, self.secret_key)
+            return make_s3_client(self.endpoint, self.region, self.access_key, self.secret_key, self.session_token,
+                                  max_attempts=retries)
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            service, endpoint_url=self.endpoint, region_name=self.region,
+            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+            aws_session_token=self.session_token,
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": retries, "mode": "standard"},
+                          **config),
+        )
 
     def env(self) -> dict[str, str]:
-        """The standard variables boto3 (and the merge image) read."""
-        return {
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": self.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.secret_key,
-            "AWS_REGION": self.region,
-        }
+        """The standard variables boto3 (and the merge engine) read; nothing else."""
+        env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
+               "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": self.region}
+        if self.session_token:
+            env["AWS_SESSION_TOKEN"] = self.session_token
+        return env
+
+    def assume_role(self, policy: str | None = None, duration_seconds: int = 900, *,
+                    validate: bool = True) -> Credentials:
+        """STS AssumeRole as this identity; with ``policy``, the session is limited to it.
+        ``validate=False`` lets botocore send what it would refuse (to ask the server)."""
+        kwargs: dict[str, Any] = {"RoleArn": "arn:aws:iam::minio:role/privatefm-run",  # MinIO ignores it
+                                  "RoleSessionName": "privatefm-run", "DurationSeconds": duration_seconds}
+        if policy is not None:
+            kwargs["Policy"] = policy
+        issued = self.client("sts", parameter_validation=validate).assume_role(**kwargs)["Credentials"]
+        return Credentials(self.endpoint, issued["AccessKeyId"], issued["SecretAccessKey"],
+                           issued["SessionToken"], self.region)
+
+    def admin(self) -> Any:
+        """A ``minio.MinioAdmin`` acting as this identity."""
+        from minio import MinioAdmin
+        from minio.credentials import StaticProvider
+
+        host = self.endpoint.removeprefix("http://")
+        return MinioAdmin(endpoint=host, secure=False, region=self.region,
+                          credentials=StaticProvider(self.access_key, self.secret_key, self.session_token))
+
+
+@dataclass
+class S3Info:
+    """The S3 server (MinIO, which enforces IAM and STS session policies), its bucket and the
+    identities the tests act as."""
+
+    endpoint: str
+    bucket: str
+    root: Credentials       # the store's admin: sees and may do everything (the tests' god view)
+    operator: Credentials   # the operator's own identity: reads base/, owns learners/ and audit/
+    publisher: Credentials  # publishes base models: writes base/ and nothing else
+    region: str = REGION
+
+    def client(self) -> Any:
+        """An admin client (root), with retries."""
+        return self.root.client(retries=3)
+
+    def env(self) -> dict[str, str]:
+        """The standard variables boto3 (and the merge image) read, as root."""
+        return self.root.env()
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> S3Info:
+        ids = {k: Credentials(**raw.pop(k)) for k in ("root", "operator", "publisher")}
+        return cls(**raw, **ids)
 
 
 @dataclass
@@ -109,7 +172,7 @@ class ClusterState:
     @classmethod
     def load(cls, directory: Path) -> ClusterState:
         raw = json.loads((directory / "cluster.json").read_text())
-        raw["s3"] = S3Info(**raw["s3"])
+        raw["s3"] = S3Info.from_json(raw["s3"])
         return cls(**raw)
 
     def save(self) -> None:
@@ -117,7 +180,7 @@ class ClusterState:
 
 
 class LocalCluster:
-    """etcd + kube-apiserver + kube-controller-manager + versitygw on 127.0.0.1."""
+    """etcd + kube-apiserver + kube-controller-manager + MinIO on 127.0.0.1."""
 
     def __init__(self, directory: Path, bucket: str = "privatefm", kubernetes: bool = True) -> None:
         """``kubernetes=False`` starts only the S3 server (for a kind cluster, which brings its own)."""
@@ -131,7 +194,7 @@ class LocalCluster:
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self, timeout: float = 120.0) -> ClusterState:
         ensure_tools()
-        for sub in ("etcd", "pki", "logs", "s3data", "s3meta"):
+        for sub in ("etcd", "pki", "logs"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         token = secrets.token_hex(16)
         (self.dir / "pki" / "tokens.csv").write_text(f'{token},{ADMIN_USER},admin-uid,"system:masters"\n')
@@ -143,7 +206,7 @@ class LocalCluster:
             if self.kubernetes:
                 self._start_etcd()
                 server = self._start_apiserver(sa_key, timeout)
-            s3 = self._start_s3()
+            s3 = self._start_s3(timeout)
             if self.kubernetes:
                 self._wait_apiserver(server, token, timeout)
                 kubeconfig = self._write_kubeconfig(server, token)
@@ -151,7 +214,6 @@ class LocalCluster:
                                       kubeconfig=str(kubeconfig), s3=s3, pids={})
             if self.kubernetes:
                 self._start_controller_manager(kubeconfig, sa_key, timeout)
-            self._create_bucket(timeout)
             self.state.pids = {name: p.pid for name, p in self._procs.items()}
             self.state.save()
         except BaseException:
@@ -263,29 +325,19 @@ class LocalCluster:
         self._wait("kube-controller-manager",
                    lambda: urllib.request.urlopen(url, context=ctx, timeout=2).status == 200, timeout)
 
-    def _start_s3(self) -> S3Info:
-        port = free_port()
-        access, secret = "privatefm" + secrets.token_hex(4), secrets.token_hex(16)
-        self._spawn("versitygw", [
-            self.bin / "versitygw", "--access", access, "--secret", secret,
-            "--port", f"127.0.0.1:{port}", "--region", "us-east-1",
-            "posix", "--sidecar", self.dir / "s3meta", self.dir / "s3data",
-        ])
-        return S3Info(endpoint=f"http://127.0.0.1:{port}", access_key=access, secret_key=secret,
-                      bucket=self.bucket)
+    def _start_s3(self, timeout: float) -> S3Info:
+        """MinIO with the bucket, and the operator's and the publisher's identities, each with the
+        policy a real deployment gives it (``privatefm_operator.store_policy``)."""
+        from privatefm_operator.store_policy import operator_policy, publisher_policy
+        from privatefm_testing.minio import MinioServer
 
-    def _create_bucket(self, timeout: float) -> None:
-        assert self.state is not None
-        client = self.state.s3.client()
-
-        def ready() -> bool:
-            with contextlib.suppress(Exception):
-                client.head_bucket(Bucket=self.bucket)
-                return True
-            client.create_bucket(Bucket=self.bucket)
-            return True
-
-        self._wait("versitygw", ready, timeout)
+        server = MinioServer(self.dir / "s3", self.bucket, log=self.dir / "logs" / "minio.log")
+        root = server.start(timeout)
+        assert server.proc is not None
+        self._procs["minio"] = server.proc
+        return S3Info(endpoint=server.endpoint, bucket=self.bucket, root=root,
+                      operator=server.add_user("privatefm-operator", operator_policy(self.bucket)),
+                      publisher=server.add_user("privatefm-publisher", publisher_policy(self.bucket)))
 
     def _wait(self, name: str, probe: Any, timeout: float) -> None:
         deadline = time.monotonic() + timeout

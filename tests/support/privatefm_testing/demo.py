@@ -68,7 +68,7 @@ def run(directory: Path, keep: bool) -> int:
                 "crd/adaptermerges.privatefm.io")
 
         step("publishing a small Llama-shaped base model to s3://…/base/tiny-llama/v1/")
-        print("    " + seed.publish_base(s3.client(), s3.bucket, version=1))
+        print("    " + seed.publish_base(s3.publisher.client(retries=3), s3.bucket, version=1))
 
         step("starting the operator (as its ServiceAccount) and the local pod runner")
         from kubernetes import config as kconfig

@@ -24,7 +24,8 @@ class OperatorProcess:
             **os.environ,
             "KUBECONFIG": str(kubeconfig),
             "PRIVATEFM_S3_ENDPOINT": s3.endpoint, "PRIVATEFM_S3_BUCKET": s3.bucket,
-            "PRIVATEFM_S3_ACCESS_KEY": s3.access_key, "PRIVATEFM_S3_SECRET_KEY": s3.secret_key,
+            # The operator's own identity, never the store's admin.
+            "PRIVATEFM_S3_ACCESS_KEY": s3.operator.access_key, "PRIVATEFM_S3_SECRET_KEY": s3.operator.secret_key,
             "PRIVATEFM_HTTP_PORT": str(self.port),
             **{f"PRIVATEFM_{k.upper()}": v for k, v in settings.items()},
         }
