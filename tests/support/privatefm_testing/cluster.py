@@ -154,8 +154,9 @@ class S3Info:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> S3Info:
-        ids = {k: Credentials(**raw.pop(k)) for k in ("root", "operator", "publisher")}
-        return cls(**raw, **ids)
+        return cls(endpoint=raw["endpoint"], bucket=raw["bucket"], region=raw.get("region", REGION),
+                   root=Credentials(**raw["root"]), operator=Credentials(**raw["operator"]),
+                   publisher=Credentials(**raw["publisher"]))
 
 
 @dataclass
@@ -329,6 +330,7 @@ class LocalCluster:
         """MinIO with the bucket, and the operator's and the publisher's identities, each with the
         policy a real deployment gives it (``privatefm_operator.store_policy``)."""
         from privatefm_operator.store_policy import operator_policy, publisher_policy
+
         from privatefm_testing.minio import MinioServer
 
         server = MinioServer(self.dir / "s3", self.bucket, log=self.dir / "logs" / "minio.log")

@@ -18,11 +18,11 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from privatefm_testing.cluster import BIN, REGION, REPO_ROOT, Credentials, free_port, pid_alive, stop_pids, tail
+
 
 def ensure_minio() -> Path:
     """The pinned ``minio`` binary, built (and cached) by ``scripts/build-tools.sh`` when missing."""
