@@ -7,6 +7,7 @@ image's real CLI, so each successful merge here is a real LoRA merge into a real
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -18,9 +19,11 @@ from typing import Any
 
 import pytest
 import yaml
+from botocore.exceptions import ClientError
 from privatefm_merge import layout
+from privatefm_merge.store import S3Store
 from privatefm_testing import seed
-from privatefm_testing.cluster import S3Info
+from privatefm_testing.cluster import Credentials, S3Info
 from privatefm_testing.kube import Kube, token_kubeconfig, wait_for
 from privatefm_testing.operator_proc import OperatorProcess
 from privatefm_testing.podrunner import PodRunner
@@ -171,8 +174,8 @@ def test_learner_namespace_is_provisioned_isolated_and_ready(kube: Kube, learner
     assert get(kube, "limitrange", "privatefm-limits", "-n", learner.namespace)
     sa = get(kube, "serviceaccount", "privatefm-merge", "-n", learner.namespace)
     assert sa["automountServiceAccountToken"] is False
-    secret = get(kube, "secret", "privatefm-s3", "-n", learner.namespace)
-    assert set(secret["data"]) == {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"}
+    # No store credentials live in a learner namespace: each run gets its own, owned by its Job.
+    assert get(kube, "secrets", "-n", learner.namespace)["items"] == []
 
     cron = get(kube, "cronjob", "nightly-merge", "-n", learner.namespace)["spec"]
     assert cron["schedule"] == "0 2 * * *" and cron["concurrencyPolicy"] == "Forbid"
@@ -186,6 +189,7 @@ def test_learner_namespace_is_provisioned_isolated_and_ready(kube: Kube, learner
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert container["terminationMessagePath"] == "/dev/termination-log"
     assert container["command"] == ["privatefm-merge", "pod"]
+    assert container["envFrom"] == [{"secretRef": {"name": "privatefm-run-scheduled"}}]
 
     ready = next(c for c in learner.status()["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True" and ready["observedGeneration"] == 1
@@ -340,6 +344,13 @@ def test_tampered_checkpoint_is_never_accepted(learner: LearnerHandle, hooks: Ho
         data = bytearray(client.get_object(Bucket=s3.bucket, Key=key)["Body"].read())
         data[-1] ^= 0xFF
         client.put_object(Bucket=s3.bucket, Key=key, Body=bytes(data))
+        # And a shard upload that never completed, as a pod killed mid-write leaves one.
+        client.create_multipart_upload(Bucket=s3.bucket, Key=key)
+        assert checkpoint.incomplete_uploads(names=shards)
+
+    checkpoint = S3Store(client, s3.bucket, layout.checkpoint_prefix(learner.ns_uid, 1))
+    shards = [o["Key"].rsplit("/", 1)[1] for o in client.list_objects_v2(
+        Bucket=s3.bucket, Prefix=layout.base_prefix(seed.BASE_MODEL, 1) + "/")["Contents"]]
 
     hooks.by_namespace[learner.namespace] = flip_a_byte
     try:
@@ -350,6 +361,8 @@ def test_tampered_checkpoint_is_never_accepted(learner: LearnerHandle, hooks: Ho
     assert status["phase"] == "Failed" and status["reason"] == "VerificationFailed", status
     assert ".safetensors" in status["message"]
     assert learner.checkpoint_version() is None
+    wait_for(lambda: not checkpoint.incomplete_uploads(names=shards), 20,
+             "the operator to abort the failed run's unfinished upload")
 
 
 # ---- 7. restart during a merge ---------------------------------------------------------------
@@ -423,3 +436,97 @@ def test_merge_service_account_has_no_api_rights(kube: Kube, learner: LearnerHan
             answer = kube.kubectl("auth", "can-i", verb, resource, "-n", learner.namespace, as_user=sa,
                                   as_groups=groups, check=False).stdout.strip()
             assert answer == "no", f"merge pods may {verb} {resource}"
+
+
+# ---- 10. store isolation, with the credentials a merge pod really receives -------------------
+def _allowed(call: Callable[[], object]) -> bool:
+    try:
+        call()
+    except ClientError as err:
+        code = err.response.get("Error", {}).get("Code")
+        assert code in ("AccessDenied", "AllAccessDisabled"), f"refused for another reason: {err}"
+        return False
+    return True
+
+
+def test_a_merge_pod_gets_run_scoped_short_lived_credentials(kube: Kube, learner: LearnerHandle, hooks: Hooks,
+                                                            operator: OperatorProcess, s3: S3Info) -> None:
+    """The Secret the operator hands one run: owned by the Job, temporary, and good for that run only.
+    Every row of the store matrix is tried with exactly those credentials."""
+    other = "0ther1earner"  # another learner's prefix, with data in it
+    admin = s3.client()
+    admin.put_object(Bucket=s3.bucket, Key=f"{layout.adapter_prefix(other, 1)}/adapter_config.json", Body=b"{}")
+    held, release = threading.Event(), threading.Event()
+
+    def hold(pod: dict[str, Any], code: int) -> None:
+        held.set()
+        release.wait(90)
+
+    hooks.by_namespace[learner.namespace] = hold
+    try:
+        learner.request_merge("scoped")
+        assert held.wait(90), "the merge pod never ran"
+        secret = get(kube, "secret", "privatefm-run.scoped", "-n", learner.namespace)
+        job = get(kube, "job", "scoped", "-n", learner.namespace)
+        data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+        pod_creds = Credentials(endpoint=data["AWS_ENDPOINT_URL"], access_key=data["AWS_ACCESS_KEY_ID"],
+                                secret_key=data["AWS_SECRET_ACCESS_KEY"], session_token=data["AWS_SESSION_TOKEN"])
+        c = pod_creds.client()
+        target = layout.checkpoint_prefix(learner.ns_uid, 1)
+        base = layout.base_prefix(seed.BASE_MODEL, 1)
+        rows = [
+            ("read A's adapters", lambda: c.get_object(
+                Bucket=s3.bucket, Key=f"{layout.adapter_prefix(learner.ns_uid, 1)}/adapter_config.json"), True),
+            ("list A's adapters", lambda: c.list_objects_v2(
+                Bucket=s3.bucket, Prefix=f"{layout.learner_prefix(learner.ns_uid)}/adapters/"), True),
+            ("read the run's base version", lambda: c.get_object(Bucket=s3.bucket, Key=f"{base}/manifest.json"), True),
+            ("write A's target version", lambda: c.put_object(Bucket=s3.bucket, Key=f"{target}/probe", Body=b"x"),
+             True),
+            ("write another version of A", lambda: c.put_object(
+                Bucket=s3.bucket, Key=f"{layout.checkpoint_prefix(learner.ns_uid, 2)}/probe", Body=b"x"), False),
+            ("read A's events", lambda: c.list_objects_v2(
+                Bucket=s3.bucket, Prefix=f"{layout.events_prefix(learner.ns_uid)}/"), False),
+            ("read learner B's adapter", lambda: c.get_object(
+                Bucket=s3.bucket, Key=f"{layout.adapter_prefix(other, 1)}/adapter_config.json"), False),
+            ("list learner B's prefix", lambda: c.list_objects_v2(
+                Bucket=s3.bucket, Prefix=f"{layout.learner_prefix(other)}/"), False),
+            ("write learner B's prefix", lambda: c.put_object(
+                Bucket=s3.bucket, Key=f"{layout.adapter_prefix(other, 2)}/adapter_config.json", Body=b"{}"), False),
+            ("write under base/", lambda: c.put_object(Bucket=s3.bucket, Key=f"{base}/evil", Body=b"x"), False),
+            ("delete under base/", lambda: c.delete_object(Bucket=s3.bucket, Key=f"{base}/manifest.json"), False),
+            ("list the whole bucket", lambda: c.list_objects_v2(Bucket=s3.bucket), False),
+            ("create a bucket", lambda: c.create_bucket(Bucket="privatefm-evil"), False),
+            ("delete a bucket", lambda: c.delete_bucket(Bucket=s3.bucket), False),
+        ]
+        outcomes = {what: _allowed(call) for what, call, _ in rows}
+        c.delete_object(Bucket=s3.bucket, Key=f"{target}/probe")  # leave the checkpoint as the pod wrote it
+        assert outcomes == {what: expected for what, _, expected in rows}
+
+        # The Secret belongs to the Job (garbage-collected with it); the keys are temporary and not the
+        # operator's; the pod spec names the Secret and carries no key.
+        owner = secret["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["name"], owner["uid"]) == ("Job", "scoped", job["metadata"]["uid"])
+        assert pod_creds.access_key not in (s3.operator.access_key, s3.publisher.access_key, s3.root.access_key)
+        assert job["spec"]["template"]["spec"]["containers"][0]["envFrom"] == [
+            {"secretRef": {"name": "privatefm-run.scoped"}}]
+        leaked_into = json.dumps(job) + json.dumps(get(kube, "pods", "-n", learner.namespace))
+        assert pod_creds.secret_key not in leaked_into and pod_creds.session_token not in leaked_into
+
+        # No Secret in any learner namespace holds a long-lived key of the store.
+        long_lived = {s3.operator.access_key, s3.operator.secret_key, s3.publisher.access_key,
+                      s3.publisher.secret_key, s3.root.access_key, s3.root.secret_key}
+        learner_namespaces = [n["metadata"]["name"] for n in get(
+            kube, "namespaces", "-l", "app.kubernetes.io/managed-by=privatefm-operator")["items"]]
+        for ns in learner_namespaces:
+            for item in get(kube, "secrets", "-n", ns)["items"]:
+                values = {base64.b64decode(v).decode() for v in (item.get("data") or {}).values()}
+                assert not values & long_lived, f"{ns}/{item['metadata']['name']} holds a long-lived store key"
+    finally:
+        release.set()
+        hooks.by_namespace.pop(learner.namespace, None)
+    status = learner.wait_merge("scoped")["status"]
+    assert status["phase"] == "Succeeded", status
+    events = json.dumps(get(kube, "events", "-n", learner.namespace))
+    record = json.dumps(status) + events + operator.log_path.read_text()
+    assert pod_creds.secret_key not in record and pod_creds.session_token not in record
+    assert pod_creds.access_key not in record

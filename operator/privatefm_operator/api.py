@@ -246,7 +246,7 @@ class LearnerNamespaceStatus(Status):
 
     observed_generation: int | None = Field(default=None, description="Generation last reconciled.")
     conditions: list[Condition] = Field(
-        default_factory=list, description="Ready, Reconciling, Stalled (kstatus) and Degraded.",
+        default_factory=list, description="Ready, Reconciling, Stalled (kstatus), Degraded and ScopedStoreCredentials.",
         json_schema_extra=CONDITIONS_FIELD)
     phase: LearnerPhase | None = Field(default=None, description="Summary phase for humans.")
     ns_uid: str | None = Field(default=None, description="Stable id the namespace and store prefix derive from.")

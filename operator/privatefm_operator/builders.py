@@ -3,8 +3,9 @@
 The merge Job's parameters travel as pod-template annotations that the container reads through
 the downward API. That lets a CronJob create its Jobs *suspended* with a fixed template; the
 operator then assigns the version, writes the parameters into the (still mutable) template
-annotations and un-suspends the Job. Manual and fallback runs get the same Job, created with
-the annotations already set. The pod itself never talks to the Kubernetes API.
+annotations, writes the run's own store credentials into a Secret owned by the Job, and
+un-suspends it. A manual run's Job is built the same way, created suspended with the
+annotations already set. The pod itself never talks to the Kubernetes API.
 """
 
 from __future__ import annotations
@@ -138,16 +139,14 @@ def service_account(learner: Learner) -> dict[str, Any]:
             "automountServiceAccountToken": False}
 
 
-def s3_secret(learner: Learner, settings: Settings) -> dict[str, Any]:
+def run_secret(learner: Learner, name: str, job: dict[str, Any], store_env: dict[str, str]) -> dict[str, Any]:
+    """One run's store credentials, owned by its Job: garbage collection removes them with it."""
+    owner = {"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"],
+             "uid": job["metadata"]["uid"], "controller": False, "blockOwnerDeletion": False}
     return {
         "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-        "metadata": _meta(learner, naming.S3_SECRET, "merge"),
-        "stringData": {
-            contract.ENV_S3_ENDPOINT: settings.s3_endpoint,
-            contract.ENV_S3_ACCESS_KEY: settings.s3_access_key,
-            contract.ENV_S3_SECRET_KEY: settings.s3_secret_key,
-            contract.ENV_S3_REGION: settings.s3_region,
-        },
+        "metadata": {**_meta(learner, name, "merge"), "ownerReferences": [owner]},
+        "stringData": store_env,
     }
 
 
@@ -164,7 +163,8 @@ def _resources(merge: MergeSettings, settings: Settings) -> dict[str, Any]:
 
 
 def merge_pod_template(learner: Learner, settings: Settings, trigger: MergeTrigger,
-                       params: dict[str, str] | None) -> dict[str, Any]:
+                       params: dict[str, str] | None, secret: str) -> dict[str, Any]:
+    """The merge pod: no API token, restricted, its run's store credentials from ``secret``."""
     merge = learner.spec.merge_settings()
     env: list[dict[str, Any]] = [
         {"name": var, "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{key}']"}}}
@@ -193,7 +193,7 @@ def merge_pod_template(learner: Learner, settings: Settings, trigger: MergeTrigg
             "imagePullPolicy": settings.merge_image_pull_policy,
             "command": list(contract.POD_COMMAND),
             "env": env,
-            "envFrom": [{"secretRef": {"name": naming.S3_SECRET}}],
+            "envFrom": [{"secretRef": {"name": secret}}],
             "resources": _resources(merge, settings),
             "securityContext": {
                 "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
@@ -216,25 +216,26 @@ def merge_pod_template(learner: Learner, settings: Settings, trigger: MergeTrigg
 
 
 def merge_job_spec(learner: Learner, settings: Settings, trigger: MergeTrigger,
-                   params: dict[str, str] | None, suspend: bool) -> dict[str, Any]:
+                   params: dict[str, str] | None, secret: str) -> dict[str, Any]:
+    """Every merge Job starts suspended: the operator un-suspends it once the run's credentials exist."""
     return {
         "backoffLimit": 0,  # the AdapterMerge is the unit of retry, not the pod
         "activeDeadlineSeconds": settings.merge_deadline_seconds,
-        "suspend": suspend,
-        "template": merge_pod_template(learner, settings, trigger, params),
+        "suspend": True,
+        "template": merge_pod_template(learner, settings, trigger, params, secret),
     }
 
 
 def merge_job(learner: Learner, settings: Settings, name: str, trigger: MergeTrigger,
               params: dict[str, str], owner: dict[str, Any]) -> dict[str, Any]:
-    """The Job of a manual or fallback run, owned by its AdapterMerge."""
+    """The Job of a manual run, owned by its AdapterMerge."""
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": {"name": name, "namespace": learner.namespace,
                      "labels": {**learner.labels, naming.LABEL_COMPONENT: "merge",
                                 naming.LABEL_TRIGGER: trigger.value},
                      "ownerReferences": [owner]},
-        "spec": merge_job_spec(learner, settings, trigger, params, suspend=False),
+        "spec": merge_job_spec(learner, settings, trigger, params, naming.run_secret(name)),
     }
 
 
@@ -251,7 +252,7 @@ def cronjob(learner: Learner, settings: Settings) -> dict[str, Any]:
         "jobTemplate": {
             "metadata": {"labels": {**learner.labels, naming.LABEL_COMPONENT: "merge",
                                     naming.LABEL_TRIGGER: MergeTrigger.SCHEDULED.value}},
-            "spec": merge_job_spec(learner, settings, MergeTrigger.SCHEDULED, None, suspend=True),
+            "spec": merge_job_spec(learner, settings, MergeTrigger.SCHEDULED, None, naming.SCHEDULED_RUN_SECRET),
         },
     }
     if merge.time_zone:
@@ -264,7 +265,6 @@ def children(learner: Learner, settings: Settings) -> list[dict[str, Any]]:
     """Everything inside the learner's namespace, in apply order."""
     return [
         service_account(learner),
-        s3_secret(learner, settings),
         network_policy(learner, settings),
         resource_quota(learner, settings),
         limit_range(learner, settings),

@@ -14,6 +14,7 @@ READY = "Ready"
 RECONCILING = "Reconciling"
 STALLED = "Stalled"
 DEGRADED = "Degraded"
+SCOPED_STORE_CREDENTIALS = "ScopedStoreCredentials"
 
 
 def condition(type_: str, status: bool, reason: str, message: str, generation: int | None,

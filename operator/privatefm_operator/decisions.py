@@ -50,6 +50,7 @@ class LearnerFacts:
     latest_base: int | None = None
     base_problem: str = ""  # the base model cannot be used
     max_lag: int = 3
+    scoped_store: bool = True  # False: runs get the operator's shared store keys (insecure mode)
 
 
 def base_problem(model: str, pinned: int | None, pinned_found: bool, latest: int | None) -> str:
@@ -88,7 +89,12 @@ def learner_status(facts: LearnerFacts, old: LearnerNamespaceStatus) -> LearnerN
                                message=message),
            conditions.condition(conditions.DEGRADED, degraded, "VersionLag" if degraded else "WithinLag",
                                 f"checkpoint is {lag} base versions behind (max {facts.max_lag})" if degraded
-                                else "", gen, at)]
+                                else "", gen, at),
+           conditions.condition(conditions.SCOPED_STORE_CREDENTIALS, facts.scoped_store,
+                                "SessionPolicy" if facts.scoped_store else "SharedCredentials",
+                                "each run gets temporary store credentials scoped to its own prefixes"
+                                if facts.scoped_store else "INSECURE: merge pods get the operator's own store keys; "
+                                "learners are not isolated from each other in the store", gen, at)]
     return old.model_copy(update={
         "phase": phase, "conditions": conditions.merge(old.conditions, new), "ns_uid": facts.ns_uid,
         "namespace": facts.namespace, "base_model_latest_version": facts.latest_base, "version_lag": lag})

@@ -15,7 +15,10 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 
 MERGE_SERVICE_ACCOUNT = "privatefm-merge"
-S3_SECRET = "privatefm-s3"
+# A run's store credentials: a Secret owned by its Job. A scheduled run's pod template is fixed by
+# the CronJob, so its Secret name is too (concurrencyPolicy Forbid: one scheduled run at a time);
+# a manual run's carries its name after a '.', which no AdapterMerge (a DNS label) can contain.
+SCHEDULED_RUN_SECRET = "privatefm-run-scheduled"
 NETWORK_POLICY = "privatefm-isolation"
 RESOURCE_QUOTA = "privatefm-quota"
 LIMIT_RANGE = "privatefm-limits"
@@ -39,3 +42,8 @@ def learner_labels(lns_name: str, learner_id: str, uid: str) -> dict[str, str]:
         LABEL_LEARNER_ID: learner_id,
         LABEL_NS_UID: uid,
     }
+
+
+def run_secret(run: str) -> str:
+    """The Secret holding manual run ``run``'s store credentials."""
+    return f"privatefm-run.{run}"

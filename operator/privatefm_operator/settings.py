@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -15,8 +17,19 @@ class Settings(BaseSettings):
     s3_endpoint: str = Field(default="", description="S3 endpoint URL; empty uses AWS's default")
     s3_bucket: str = Field(default="privatefm", description="Bucket holding base/ and learners/")
     s3_region: str = Field(default="us-east-1")
-    s3_access_key: str = Field(default="", description="Credentials handed to merge pods (Secret per learner)")
+    s3_access_key: str = Field(default="", description="The operator's own static key; empty: boto3's default "
+                                                       "chain (IRSA, Pod Identity, instance profile)")
     s3_secret_key: str = Field(default="")
+    store_credentials: Literal["sts", "shared-insecure"] = Field(
+        default="sts", description="sts: every run gets temporary credentials from STS AssumeRole with a session "
+                                   "policy scoped to that run. shared-insecure: runs get the operator's own keys "
+                                   "(for stores without STS; no isolation between learners in the store)")
+    sts_endpoint: str = Field(default="", description="STS endpoint; empty: the S3 endpoint (MinIO, Ceph RGW), "
+                                                      "or AWS's regional STS when that is empty too")
+    store_role_arn: str = Field(default="arn:aws:iam::000000000000:role/privatefm-merge",
+                                description="Role the operator assumes to mint run credentials (AWS, Ceph RGW: "
+                                            "a real role; MinIO ignores it)")
+    store_role_external_id: str = Field(default="", description="ExternalId the role's trust policy requires")
     s3_egress_cidr: str = Field(default="", description="CIDR merge pods may reach S3 at; default the endpoint IP")
 
     # Merge pods

@@ -1,34 +1,79 @@
-"""The only module of the operator that talks to S3, through the merge package's store.
+"""The only module of the operator that talks to S3 (through the merge package's store) and STS.
 
 One S3 stack: every read and write goes through ``privatefm_merge.store.S3Store``, so a store
-problem is always a ``StorageError`` (it says nothing about the data itself).
+problem is always a ``StorageError`` (it says nothing about the data itself). STS mints each
+run's own temporary credentials (``mint_run_credentials``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from privatefm_merge import layout
+from privatefm_merge import contract, layout
+from privatefm_merge.errors import StorageError
 from privatefm_merge.store import S3Store, make_s3_client
-from privatefm_merge.verify import VerifyReport, verify_checkpoint
+from privatefm_merge.verify import VerifyReport, read_manifest, verify_checkpoint
 
+from privatefm_operator import store_policy
 from privatefm_operator.settings import Settings
+
+log = logging.getLogger("privatefm.operator")
 
 BASE_CACHE_SECONDS = 10.0
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 _SEQ_DIR = re.compile(r"^(\d+)$")
 
 
+class CredentialsDenied(Exception):
+    """STS refused to mint a run's credentials: a configuration problem, not a passing outage."""
+
+
+@dataclass(frozen=True)
+class RunCredentials:
+    """What one run's pod gets to reach the store. Never logged, never in a status or an Event."""
+
+    access_key: str
+    secret_key: str
+    session_token: str | None  # None only in the shared-insecure mode
+    expires_at: datetime | None
+
+    def __repr__(self) -> str:  # a stray log line must not carry the keys
+        return f"RunCredentials(expires_at={self.expires_at}, scoped={self.session_token is not None})"
+
+    def env(self, endpoint: str, region: str) -> dict[str, str]:
+        """The standard variables boto3 reads in the merge pod."""
+        env = {contract.ENV_S3_REGION: region, contract.ENV_S3_ACCESS_KEY: self.access_key,
+               contract.ENV_S3_SECRET_KEY: self.secret_key}
+        if endpoint:  # empty: AWS's own endpoint for the region
+            env[contract.ENV_S3_ENDPOINT] = endpoint
+        if self.session_token:
+            env[contract.ENV_S3_SESSION_TOKEN] = self.session_token
+        return env
+
+
 class Storage:
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.bucket = settings.s3_bucket
         self.client = make_s3_client(settings.s3_endpoint, settings.s3_region, settings.s3_access_key,
                                      settings.s3_secret_key)
         self.root = S3Store(self.client, self.bucket, "")
         self._latest: dict[str, tuple[float, int | None]] = {}
+        self._sts: Any = None
+        if settings.store_credentials == "shared-insecure":
+            log.warning("INSECURE: store_credentials=shared-insecure hands every merge pod the operator's own "
+                        "store keys; learners are not isolated from each other in the store")
+
+    @property
+    def scoped(self) -> bool:
+        """Whether runs get credentials scoped to themselves (False: the insecure shared mode)."""
+        return self.settings.store_credentials == "sts"
 
     def uri(self, key_prefix: str) -> str:
         return layout.s3_uri(self.bucket, key_prefix)
@@ -68,3 +113,49 @@ class Storage:
         """Append-only learner log (the replay source): one object per event, ordered by key."""
         name = f"{layout.events_prefix(ns_uid)}/{time.time_ns():020d}-{kind}.json"
         self.root.put_bytes(name, json.dumps(record, sort_keys=True).encode())
+
+    def base_files(self, model: str, version: int) -> list[str]:
+        """The file names of a published base version (a checkpoint of it has the same shards)."""
+        manifest, _ = read_manifest(self.uri(layout.base_prefix(model, version)), store=self._at(
+            layout.base_prefix(model, version)))
+        return [entry.name for entry in manifest.files]
+
+    def abort_uploads(self, key_prefix: str, names: list[str]) -> int:
+        """Aborts unfinished multipart uploads a failed run left under ``key_prefix``."""
+        return self._at(key_prefix).abort_uploads("", names)
+
+    # ---- STS -----------------------------------------------------------------------------------
+    def mint_run_credentials(self, policy: store_policy.Policy, duration_seconds: int,
+                             session_name: str) -> RunCredentials:
+        """Temporary credentials limited by ``policy`` (a session policy: the store grants the
+        intersection of it and the operator's own rights), living ``duration_seconds``."""
+        settings = self.settings
+        if not self.scoped:
+            return RunCredentials(settings.s3_access_key, settings.s3_secret_key, None, None)
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        kwargs: dict[str, Any] = {
+            "RoleArn": settings.store_role_arn, "RoleSessionName": session_name[:64],
+            "DurationSeconds": duration_seconds, "Policy": store_policy.session_policy_json(policy)}
+        if settings.store_role_external_id:
+            kwargs["ExternalId"] = settings.store_role_external_id
+        try:
+            issued = self._sts_client().assume_role(**kwargs)["Credentials"]
+        except ClientError as err:
+            raise CredentialsDenied(f"STS AssumeRole of {settings.store_role_arn} refused: "
+                                    f"{err.response.get('Error', {}).get('Message', err)}") from err
+        except BotoCoreError as err:
+            raise StorageError(f"STS unreachable: {err}") from err
+        return RunCredentials(issued["AccessKeyId"], issued["SecretAccessKey"], issued["SessionToken"],
+                              issued.get("Expiration"))
+
+    def _sts_client(self) -> Any:
+        if self._sts is None:
+            import boto3
+
+            settings = self.settings
+            self._sts = boto3.client(
+                "sts", endpoint_url=settings.sts_endpoint or settings.s3_endpoint or None,
+                region_name=settings.s3_region, aws_access_key_id=settings.s3_access_key or None,
+                aws_secret_access_key=settings.s3_secret_key or None)
+        return self._sts

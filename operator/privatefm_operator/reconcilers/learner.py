@@ -161,7 +161,7 @@ class LearnerReconciler:
             generation=scope.lns.metadata.get("generation"), now=utc_now(), spec_problem=scope.spec_problem,
             ns_uid=learner.ns_uid if learner else None, namespace=learner.namespace if learner else None,
             latest_base=scope.latest_base, base_problem=scope.base_problem,
-            max_lag=self.clients.settings.max_version_lag)
+            max_lag=self.clients.settings.max_version_lag, scoped_store=self.clients.storage.scoped)
         update_status(self.clients, scope.lns, lambda old: decisions.learner_status(facts, old), observed=True)
 
     def _announce_created(self, scope: LearnerScope) -> None:

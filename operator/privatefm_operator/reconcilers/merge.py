@@ -19,7 +19,7 @@ from privatefm_merge import contract, layout
 from privatefm_merge.clock import rfc3339, utc_now
 from privatefm_merge.errors import StorageError
 
-from privatefm_operator import builders, conditions, decisions, metrics, naming
+from privatefm_operator import builders, conditions, decisions, metrics, naming, store_policy
 from privatefm_operator.api import (
     AdapterMerge,
     AdapterMergeStatus,
@@ -43,6 +43,7 @@ from privatefm_operator.reconcilers.base import (
     write_status,
 )
 from privatefm_operator.reconcilers.learner import LearnerReconciler, learner_of
+from privatefm_operator.storage import CredentialsDenied
 
 log = logging.getLogger("privatefm.operator")
 TERMINAL = (MergePhase.SUCCEEDED, MergePhase.FAILED)
@@ -162,25 +163,52 @@ class MergeReconciler:
         return Step.REQUEUE
 
     def ensure_job(self, scope: MergeScope) -> Step:
-        """Creates a manual run's Job, or hands a suspended scheduled Job its parameters and starts it."""
+        """Creates a manual run's Job (suspended). A Job that never started gets its run's own store
+        credentials and its parameters, and is started."""
         am, learner, kube = scope.merge, scope.learner, self.clients.kube
         assert learner is not None and am.namespace is not None
         params = builders.job_params(self.merge_job(learner, scope.status))
         job = kube.get("Job", am.name, am.namespace)
-        if job is None:
-            if am.spec.trigger == MergeTrigger.SCHEDULED:  # the CronJob's Job is gone; nothing to run
-                return self.finish(scope, MergePhase.FAILED, "JobLost", f"Job {am.name} no longer exists")
+        if job is None and am.spec.trigger == MergeTrigger.MANUAL:
             owner = {"apiVersion": am.api_version, "kind": am.kind, "name": am.name, "uid": am.uid,
                      "controller": True, "blockOwnerDeletion": True}
             kube.create(builders.merge_job(learner, self.clients.settings, am.name, am.spec.trigger, params, owner))
             job = kube.get("Job", am.name, am.namespace)
-        elif job["spec"].get("suspend"):
+        if job is None:  # a scheduled run whose CronJob Job is gone, or a Job deleted under us
+            return self.finish(scope, MergePhase.FAILED, "JobLost", f"Job {am.name} no longer exists")
+        if job["spec"].get("suspend"):
+            step = self.hand_credentials(scope, job)
+            if step is not Step.CONTINUE:
+                return step
             # Mutable while a Job is suspended and has never started: the run's parameters.
             job = kube.patch("Job", am.name, {"spec": {"suspend": False, "template": {"metadata": {
                 "annotations": params}}}}, am.namespace)
-        if job is None:
-            return self.finish(scope, MergePhase.FAILED, "JobLost", f"Job {am.name} no longer exists")
         scope.job = job
+        return Step.CONTINUE
+
+    def hand_credentials(self, scope: MergeScope, job: dict[str, Any]) -> Step:
+        """Mints the run's temporary store credentials, limited to its own inputs and its one target
+        version, and writes them into a Secret owned by its Job. They never reach a log or a status."""
+        am, learner, status = scope.merge, scope.learner, scope.status
+        settings, storage = self.clients.settings, self.clients.storage
+        assert learner is not None and status.base_version is not None and status.target_version is not None
+        target = layout.checkpoint_prefix(learner.ns_uid, status.target_version)
+        policy = store_policy.merge_session_policy(
+            storage.bucket, layout.base_prefix(learner.spec.base_model.name, status.base_version),
+            f"{layout.learner_prefix(learner.ns_uid)}/adapters", target)
+        try:
+            credentials = storage.mint_run_credentials(
+                policy, store_policy.session_duration_seconds(settings.merge_deadline_seconds),
+                session_name=f"{learner.ns_uid}-v{status.target_version}")
+        except CredentialsDenied as err:
+            return self.finish(scope, MergePhase.FAILED, "CredentialsDenied", str(err))
+        except StorageError as err:
+            raise RetryLater(f"could not mint run credentials: {err}", delay=15) from err
+        if not storage.scoped:
+            log.warning("INSECURE: run %s gets the operator's shared store keys", am.name)
+        name = naming.SCHEDULED_RUN_SECRET if am.spec.trigger == MergeTrigger.SCHEDULED else naming.run_secret(am.name)
+        self.clients.kube.apply(builders.run_secret(learner, name, job,
+                                                    credentials.env(settings.s3_endpoint, settings.s3_region)))
         return Step.CONTINUE
 
     def observe_job(self, scope: MergeScope) -> Step:
@@ -251,7 +279,25 @@ class MergeReconciler:
                 generation, utc_now(), ready=succeeded, reconciling=False, stalled=not succeeded, reason=reason,
                 message=message))})
         scope.after_write.insert(0, lambda: self._announce(scope, phase, reason, message, checkpoint))
+        if not succeeded:
+            scope.after_write.append(lambda: self._abort_uploads(scope))
         return Step.DONE
+
+    def _abort_uploads(self, scope: MergeScope) -> None:
+        """A failed run may leave unfinished multipart uploads in its version; they cost storage and
+        are never completed. (A lifecycle rule on the bucket is the backstop: docs/store.md.)"""
+        learner, status = scope.learner, scope.status
+        if learner is None or status.target_version is None or status.base_version is None:
+            return
+        prefix = layout.checkpoint_prefix(learner.ns_uid, status.target_version)
+        try:
+            names = self.clients.storage.base_files(learner.spec.base_model.name, status.base_version)
+            aborted = self.clients.storage.abort_uploads(prefix, names)
+        except (StorageError, ValueError) as err:
+            log.warning("could not abort unfinished uploads under %s: %s", prefix, err)
+            return
+        if aborted:
+            log.info("aborted unfinished uploads", extra={"fields": {"prefix": prefix, "uploads": aborted}})
 
     def _announce(self, scope: MergeScope, phase: MergePhase, reason: str, message: str,
                   checkpoint: Checkpoint | None) -> None:
