@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -154,6 +154,60 @@ def test_learner_status_is_stable_when_nothing_changed() -> None:
     once = decisions.learner_status(facts(), LearnerNamespaceStatus())
     again = decisions.learner_status(facts(now=T4), once)
     assert again == once  # no status write is needed on an idle resync
+
+
+def test_insecure_store_mode_is_loud_on_every_learner() -> None:
+    conds = by_type(decisions.learner_status(facts(scoped_store=False), LearnerNamespaceStatus()))
+    assert conds["ScopedStoreCredentials"] == ("False", "SharedCredentials")
+    assert by_type(decisions.learner_status(facts(), LearnerNamespaceStatus()))["ScopedStoreCredentials"] == (
+        "True", "SessionPolicy")
+
+
+GRACE = timedelta(seconds=60)
+
+
+@pytest.mark.parametrize(("down_for", "ready", "phase", "reason"), [
+    (None, "True", LearnerPhase.READY, "CheckpointVerified"),              # reachable
+    (timedelta(0), "True", LearnerPhase.READY, "CheckpointVerified"),      # just went away: within the grace
+    (timedelta(seconds=59), "True", LearnerPhase.READY, "CheckpointVerified"),
+    (timedelta(seconds=60), "False", LearnerPhase.DEGRADED, "StoreUnreachable"),
+    (timedelta(hours=3), "False", LearnerPhase.DEGRADED, "StoreUnreachable"),
+])
+def test_store_outage_flips_ready_after_the_grace(down_for: timedelta | None, ready: str, phase: LearnerPhase,
+                                                  reason: str) -> None:
+    seen = decisions.learner_status(facts(latest_base=2), LearnerNamespaceStatus(current_checkpoint=checkpoint(1, 2)))
+    if down_for is None:
+        new = decisions.learner_status(facts(latest_base=2, now=T2), seen)
+    else:
+        went = decisions.learner_status(facts(now=T2, store_problem="connect timeout", store_grace=GRACE), seen)
+        new = decisions.learner_status(facts(now=T2 + down_for, store_problem="connect timeout", store_grace=GRACE),
+                                       went)
+    conds = by_type(new)
+    assert conds["Ready"] == (ready, reason) and new.phase == phase
+    assert conds["StoreAvailable"][0] == ("True" if down_for is None else "False")
+    assert conds["Stalled"][0] == "False"  # it recovers by itself: never Stalled
+    assert new.base_model_latest_version == 2 and new.version_lag == 0  # what was last seen is kept
+
+
+def test_store_recovery_clears_the_outage() -> None:
+    down = decisions.learner_status(facts(now=T1, store_problem="x", store_grace=timedelta(0)),
+                                    LearnerNamespaceStatus())
+    assert by_type(down)["Ready"] == ("False", "StoreUnreachable")
+    back = decisions.learner_status(facts(now=T3), down)
+    assert by_type(back)["Ready"] == ("True", "Provisioned") and by_type(back)["StoreAvailable"][0] == "True"
+    assert next(c for c in back.conditions if c.type == "StoreAvailable").last_transition_time == T3
+
+
+@pytest.mark.parametrize(("reason", "observed", "generation", "skip"), [
+    ("InvalidSpec", 3, 3, True),        # refused, and the spec has not changed since
+    ("InvalidSpec", 3, 4, False),       # the spec changed: try again
+    ("BaseModelNotFound", 3, 3, False),  # other stalls are looked at every resync
+])
+def test_a_refused_spec_is_not_retried_until_it_changes(reason: str, observed: int, generation: int,
+                                                        skip: bool) -> None:
+    status = LearnerNamespaceStatus(conditions=conditions.kstatus(observed, T1, ready=False, reconciling=False,
+                                                                  stalled=True, reason=reason, message="m"))
+    assert decisions.skip_invalid_spec(status, generation) is skip
 
 
 @pytest.mark.parametrize(("pinned", "found", "latest", "problem"), [

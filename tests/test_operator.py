@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import threading
 import time
 import urllib.request
@@ -50,6 +52,8 @@ def local_pods_only(request: pytest.FixtureRequest) -> None:
 def operator_kubeconfig(kube: Kube) -> Path:
     """The operator's own identity: a ServiceAccount token bound only by manifests/rbac.yaml."""
     kube.kubectl("apply", "-k", str(REPO / "crds"))
+    # Another module may have just uninstalled (the namespace is still terminating).
+    kube.kubectl("wait", "--for=delete", "namespace/privatefm-system", "--timeout=90s", check=False)
     kube.kubectl("apply", "-f", str(REPO / "manifests" / "namespace.yaml"))
     kube.kubectl("apply", "-f", str(REPO / "manifests" / "rbac.yaml"))
     kube.kubectl("wait", "--for=condition=Established", "crd/learnernamespaces.privatefm.io",
@@ -91,7 +95,8 @@ def podrunner(kube: Kube, hooks: Hooks, tmp_path_factory: pytest.TempPathFactory
 def operator(kube: Kube, s3: S3Info, operator_kubeconfig: Path, base_model: str, podrunner: PodRunner,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     proc = OperatorProcess(operator_kubeconfig, s3, tmp_path_factory.mktemp("operator") / "operator.log",
-                           merge_gpus="0", resync_seconds="2", merge_image="privatefm/merge:test")
+                           merge_gpus="0", resync_seconds="2", merge_image="privatefm/merge:test",
+                           store_timeout_seconds="1", store_grace_seconds="8")
     proc.start()
     yield proc
     proc.stop()
@@ -530,3 +535,55 @@ def test_a_merge_pod_gets_run_scoped_short_lived_credentials(kube: Kube, learner
     record = json.dumps(status) + events + operator.log_path.read_text()
     assert pod_creds.secret_key not in record and pod_creds.session_token not in record
     assert pod_creds.access_key not in record
+
+
+# ---- 11. every accepted spec ends in a visible status ----------------------------------------
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions", []) if c["type"] == type_), {})
+
+
+def test_a_spec_the_api_server_refuses_is_stalled_with_its_message_and_not_retried(
+        kube: Kube, learner: LearnerHandle) -> None:
+    kube.kubectl("patch", "lns", learner.name, "--type=merge", "-p",
+                 json.dumps({"spec": {"merge": {"timeZone": "Mars/Olympus"}}}))
+    stalled = wait_for(lambda: (c := condition(learner.status(), "Stalled")).get("reason") == "InvalidSpec" and c,
+                       20, "the learner to be Stalled/InvalidSpec")
+    assert stalled["status"] == "True" and "Mars/Olympus" in stalled["message"] and "CronJob" in stalled["message"]
+    status = learner.status()
+    assert status["phase"] == "Failed" and condition(status, "Ready")["status"] == "False"
+    assert status["observedGeneration"] == get(kube, "lns", learner.name)["metadata"]["generation"]
+    warnings = learner.events("InvalidSpec")
+    assert warnings and warnings[0]["type"] == "Warning" and "Mars/Olympus" in warnings[0]["message"]
+    time.sleep(6)  # three resyncs: a refused spec is not tried again until it changes
+    assert len(learner.events("InvalidSpec")) == len(warnings)
+    assert condition(learner.status(), "Stalled") == stalled
+
+    kube.kubectl("patch", "lns", learner.name, "--type=merge", "-p",
+                 json.dumps({"spec": {"merge": {"timeZone": "Europe/Berlin"}}}))
+    wait_for(lambda: condition(learner.status(), "Ready").get("status") == "True", 20, "the learner to recover")
+    assert get(kube, "cronjob", "nightly-merge", "-n", learner.namespace)["spec"]["timeZone"] == "Europe/Berlin"
+
+
+def test_a_store_outage_shows_in_status_and_heals(kube: Kube, learner: LearnerHandle) -> None:
+    assert kube.local is not None and kube.local.state is not None
+    minio = kube.local.state.pids["minio"]
+    assert condition(learner.status(), "StoreAvailable")["status"] == "True"
+    os.kill(minio, signal.SIGSTOP)  # the store stops answering (connections hang)
+    try:
+        started = time.monotonic()
+        wait_for(lambda: condition(learner.status(), "StoreAvailable").get("status") == "False", 40,
+                 "StoreAvailable=False")
+        flagged = time.monotonic() - started
+        status = learner.status()
+        assert condition(status, "Ready")["status"] == "True", "Ready must survive an outage shorter than the grace"
+        assert condition(status, "StoreAvailable")["reason"] == "StoreUnreachable"
+        ready = wait_for(lambda: (c := condition(learner.status(), "Ready")).get("status") == "False" and c, 40,
+                         "Ready=False once the grace has passed")
+        assert ready["reason"] == "StoreUnreachable" and condition(learner.status(), "Stalled")["status"] == "False"
+        print(f"StoreAvailable=False after {flagged:.1f}s, Ready=False after {time.monotonic() - started:.1f}s")
+    finally:
+        os.kill(minio, signal.SIGCONT)
+    wait_for(lambda: condition(learner.status(), "Ready").get("status") == "True"
+             and condition(learner.status(), "StoreAvailable").get("status") == "True", 40, "recovery")
+    learner.request_merge("after-outage")
+    assert learner.wait_merge("after-outage")["status"]["phase"] == "Succeeded"

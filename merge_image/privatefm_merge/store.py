@@ -334,7 +334,7 @@ class LocalStore(Store):
 
 def make_s3_client(endpoint: str | None = None, region: str | None = None, access_key: str | None = None,
                    secret_key: str | None = None, session_token: str | None = None, *,
-                   max_attempts: int = 5) -> Any:
+                   max_attempts: int = 5, timeout: float | None = None) -> Any:
     """The one boto3 S3 client factory: path-style addressing, bounded retries.
 
     Anything left None comes from boto3's default chain (``AWS_*`` variables, web identity / IRSA,
@@ -348,6 +348,8 @@ def make_s3_client(endpoint: str | None = None, region: str | None = None, acces
         "retries": {"max_attempts": max_attempts, "mode": "standard"},
         "max_pool_connections": 16,
     }
+    if timeout is not None:  # botocore's default is 60 s for connect and for each read
+        options.update(connect_timeout=timeout, read_timeout=timeout)
     try:  # botocore >= 1.36: only send/check the newer default checksums where required,
         # which S3-compatible stores do not all support.
         config = Config(**options, request_checksum_calculation="when_required",

@@ -14,6 +14,7 @@ READY = "Ready"
 RECONCILING = "Reconciling"
 STALLED = "Stalled"
 DEGRADED = "Degraded"
+STORE_AVAILABLE = "StoreAvailable"
 SCOPED_STORE_CREDENTIALS = "ScopedStoreCredentials"
 
 
@@ -36,6 +37,10 @@ def merge(old: Iterable[Condition], new: Iterable[Condition]) -> list[Condition]
             cond = cond.model_copy(update={"last_transition_time": before.last_transition_time})
         result.append(cond)
     return result + list(previous.values())
+
+
+def find(conditions: Iterable[Condition], type_: str) -> Condition | None:
+    return next((c for c in conditions if c.type == type_), None)
 
 
 def kstatus(generation: int | None, at: datetime, *, ready: bool, reconciling: bool, stalled: bool, reason: str,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from privatefm_merge.contract import MergeResult
@@ -44,11 +44,13 @@ class LearnerFacts:
 
     generation: int | None
     now: datetime
-    spec_problem: str = ""  # the spec could not be read: nothing else was observed
+    spec_problem: str = ""  # the spec cannot be read, or the API server refused what it asks for
     ns_uid: str | None = None
     namespace: str | None = None
     latest_base: int | None = None
     base_problem: str = ""  # the base model cannot be used
+    store_problem: str = ""  # the store could not be read: what it holds is unknown
+    store_grace: timedelta = timedelta(minutes=2)  # how long an unreachable store leaves Ready alone
     max_lag: int = 3
     scoped_store: bool = True  # False: runs get the operator's shared store keys (insecure mode)
 
@@ -67,18 +69,34 @@ def learner_status(facts: LearnerFacts, old: LearnerNamespaceStatus) -> LearnerN
 
     Evaluated against the freshest status (``old``), so the lag always matches the checkpoint that
     is current when it is written. The counter and the checkpoint are carried over untouched.
+    The first matching row decides Ready and the phase:
+
+    | observed                               | phase    | Ready | Stalled | reason             |
+    |----------------------------------------|----------|-------|---------|--------------------|
+    | the spec is invalid                    | Failed   | False | True    | InvalidSpec        |
+    | the base model is missing              | Failed   | False | True    | BaseModelNotFound  |
+    | the store unreachable past the grace   | Degraded | False | False   | StoreUnreachable   |
+    | the checkpoint lags too far            | Degraded | True  | False   | CheckpointVerified |
+    | otherwise                              | Ready    | True  | False   | CheckpointVerified / Provisioned |
     """
     gen, at = facts.generation, facts.now
+    known = {"ns_uid": facts.ns_uid, "namespace": facts.namespace} if facts.namespace else {}
     if facts.spec_problem:
-        return old.model_copy(update={"phase": LearnerPhase.FAILED, "conditions": conditions.merge(
+        return old.model_copy(update={**known, "phase": LearnerPhase.FAILED, "conditions": conditions.merge(
             old.conditions, conditions.kstatus(gen, at, ready=False, reconciling=False, stalled=True,
                                                reason="InvalidSpec", message=facts.spec_problem[:2000]))})
+    # With the store unreachable, the latest base version is what was last seen.
+    latest = old.base_model_latest_version if facts.store_problem else facts.latest_base
     current = old.current_checkpoint
-    lag = version_lag(facts.latest_base, current.base_version if current else None)
+    lag = version_lag(latest, current.base_version if current else None)
     degraded = lag is not None and lag > facts.max_lag
+    store_down = bool(facts.store_problem) and at - unavailable_since(old, at) >= facts.store_grace
     if facts.base_problem:
         phase, ready, stalled, reason, message = (LearnerPhase.FAILED, False, True, "BaseModelNotFound",
                                                   facts.base_problem)
+    elif store_down:
+        phase, ready, stalled, reason = LearnerPhase.DEGRADED, False, False, "StoreUnreachable"
+        message = f"the store has been unreachable for more than {facts.store_grace}: {facts.store_problem}"
     else:
         phase = LearnerPhase.DEGRADED if degraded else LearnerPhase.READY
         ready, stalled = True, False
@@ -90,14 +108,30 @@ def learner_status(facts: LearnerFacts, old: LearnerNamespaceStatus) -> LearnerN
            conditions.condition(conditions.DEGRADED, degraded, "VersionLag" if degraded else "WithinLag",
                                 f"checkpoint is {lag} base versions behind (max {facts.max_lag})" if degraded
                                 else "", gen, at),
+           conditions.condition(conditions.STORE_AVAILABLE, not facts.store_problem,
+                                "StoreUnreachable" if facts.store_problem else "StoreReachable",
+                                facts.store_problem[:2000], gen, at),
            conditions.condition(conditions.SCOPED_STORE_CREDENTIALS, facts.scoped_store,
                                 "SessionPolicy" if facts.scoped_store else "SharedCredentials",
                                 "each run gets temporary store credentials scoped to its own prefixes"
                                 if facts.scoped_store else "INSECURE: merge pods get the operator's own store keys; "
                                 "learners are not isolated from each other in the store", gen, at)]
     return old.model_copy(update={
-        "phase": phase, "conditions": conditions.merge(old.conditions, new), "ns_uid": facts.ns_uid,
-        "namespace": facts.namespace, "base_model_latest_version": facts.latest_base, "version_lag": lag})
+        **known, "phase": phase, "conditions": conditions.merge(old.conditions, new),
+        "base_model_latest_version": latest, "version_lag": lag})
+
+
+def unavailable_since(old: LearnerNamespaceStatus, now: datetime) -> datetime:
+    """When the store became unreachable: the transition time of StoreAvailable=False, or now."""
+    cond = conditions.find(old.conditions, conditions.STORE_AVAILABLE)
+    return cond.last_transition_time if cond is not None and cond.status.value == "False" else now
+
+
+def skip_invalid_spec(old: LearnerNamespaceStatus, generation: int | None) -> bool:
+    """A spec the API server refused is not tried again until it changes (a new generation)."""
+    stalled = conditions.find(old.conditions, conditions.STALLED)
+    return (stalled is not None and stalled.status.value == "True" and stalled.reason == "InvalidSpec"
+            and stalled.observed_generation == generation)
 
 
 # ---- planning a run --------------------------------------------------------------------------

@@ -6,6 +6,7 @@ what is missing and restores what drifted, and is a no-op when nothing changed.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from typing import Any
@@ -120,6 +121,14 @@ class Kube:
             self._call("POST", self._path("Event", namespace), body=body)
         except ApiException as err:
             log.warning("could not post event %s: %s", reason, err.reason)
+
+
+def api_message(err: ApiException) -> str:
+    """The API server's own explanation of a refusal (its Status message), or the HTTP reason."""
+    try:
+        return str(json.loads(err.body or "{}").get("message") or err.reason)
+    except (ValueError, AttributeError):
+        return str(err.reason)
 
 
 def is_conflict(err: Exception) -> bool:

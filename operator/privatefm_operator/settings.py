@@ -30,6 +30,10 @@ class Settings(BaseSettings):
                                 description="Role the operator assumes to mint run credentials (AWS, Ceph RGW: "
                                             "a real role; MinIO ignores it)")
     store_role_external_id: str = Field(default="", description="ExternalId the role's trust policy requires")
+    store_timeout_seconds: float = Field(default=10.0, gt=0, description="Connect and read timeout of the "
+                                                                        "operator's store and STS calls")
+    store_grace_seconds: float = Field(default=120.0, ge=0, description="How long an unreachable store leaves "
+                                                                       "learners Ready (StoreAvailable=False at once)")
     s3_egress_cidr: str = Field(default="", description="CIDR merge pods may reach S3 at; default the endpoint IP")
 
     # Merge pods

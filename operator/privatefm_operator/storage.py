@@ -61,8 +61,9 @@ class Storage:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.bucket = settings.s3_bucket
+        # Short timeouts and few retries: an unreachable store must show in status within a resync.
         self.client = make_s3_client(settings.s3_endpoint, settings.s3_region, settings.s3_access_key,
-                                     settings.s3_secret_key)
+                                     settings.s3_secret_key, max_attempts=3, timeout=settings.store_timeout_seconds)
         self.root = S3Store(self.client, self.bucket, "")
         self._latest: dict[str, tuple[float, int | None]] = {}
         self._sts: Any = None
@@ -152,10 +153,13 @@ class Storage:
     def _sts_client(self) -> Any:
         if self._sts is None:
             import boto3
+            from botocore.config import Config
 
             settings = self.settings
             self._sts = boto3.client(
                 "sts", endpoint_url=settings.sts_endpoint or settings.s3_endpoint or None,
                 region_name=settings.s3_region, aws_access_key_id=settings.s3_access_key or None,
-                aws_secret_access_key=settings.s3_secret_key or None)
+                aws_secret_access_key=settings.s3_secret_key or None,
+                config=Config(connect_timeout=settings.store_timeout_seconds,
+                              read_timeout=settings.store_timeout_seconds, retries={"max_attempts": 3}))
         return self._sts

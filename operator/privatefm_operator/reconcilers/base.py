@@ -45,6 +45,7 @@ class Step(Enum):
     CONTINUE = "continue"  # go on with the next phase
     DONE = "done"          # write status and stop
     REQUEUE = "requeue"    # write status, then reconcile again from what was written
+    SKIP = "skip"          # nothing to do and nothing to write
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,10 @@
 
     reconcile = read_spec → provision → observe_base → write status (once) → announce
 
+A spec the API server refuses (say, an unknown time zone for the CronJob) ends the reconcile as
+Stalled/InvalidSpec with the server's message and a Warning Event, and is not tried again until
+the spec changes. An unreachable store is reported (StoreAvailable=False), not retried silently.
+
 The learner's status is written only by ``update_status`` below: by this reconcile, and by the
 merge reconciler handing out a version or advancing the checkpoint (both read-modify-write with
 optimistic concurrency, because concurrent merges of one learner race for them).
@@ -12,14 +16,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from kubernetes.client.exceptions import ApiException
 from privatefm_merge.clock import utc_now
 from privatefm_merge.errors import StorageError
 
 from privatefm_operator import builders, decisions, metrics, naming
 from privatefm_operator.api import Checkpoint, LearnerNamespace, LearnerNamespaceStatus
 from privatefm_operator.builders import Learner
+from privatefm_operator.kube import api_message
 from privatefm_operator.reconcilers.base import (
     Clients,
     Invalid,
@@ -56,6 +63,7 @@ class LearnerScope:
     created: bool = False
     latest_base: int | None = None
     base_problem: str = ""
+    store_problem: str = ""
     announcements: list[Callable[[], None]] = field(default_factory=list)
 
 
@@ -102,7 +110,10 @@ class LearnerReconciler:
             metrics.LEARNER_NAMESPACES.set(len(self._known))
             scope = LearnerScope(lns)
             for phase in (self.read_spec, self.provision, self.observe_base):
-                if phase(scope) is not Step.CONTINUE:
+                step = phase(scope)
+                if step is Step.SKIP:
+                    return scope.learner
+                if step is not Step.CONTINUE:
                     break
             self.write(scope)
             for announce in scope.announcements:
@@ -122,10 +133,17 @@ class LearnerReconciler:
     # ---- phases ------------------------------------------------------------------------------
     def read_spec(self, scope: LearnerScope) -> Step:
         if isinstance(scope.lns, Invalid):  # the CRD schema should have caught it; say so, do nothing
-            scope.spec_problem = scope.lns.error
-            return Step.DONE
+            return self._invalid(scope, scope.lns.error)
         scope.learner = learner_of(scope.lns)
+        if decisions.skip_invalid_spec(status_of(scope.lns, LearnerNamespaceStatus), scope.lns.generation):
+            return Step.SKIP
         return Step.CONTINUE
+
+    def _invalid(self, scope: LearnerScope, problem: str) -> Step:
+        scope.spec_problem = problem
+        scope.announcements.append(lambda: self.clients.kube.event(
+            scope.lns.ref(), "Warning", "InvalidSpec", problem))
+        return Step.DONE
 
     def provision(self, scope: LearnerScope) -> Step:
         """Applies the Namespace and its children (server-side apply: creates, repairs drift, or no-op)."""
@@ -134,9 +152,13 @@ class LearnerReconciler:
         existing = kube.get("Namespace", learner.namespace)
         if existing and existing.get("status", {}).get("phase") == "Terminating":
             raise RetryLater(f"namespace {learner.namespace} is terminating", delay=10)
-        kube.apply(builders.namespace(learner))
-        for child in builders.children(learner, self.clients.settings):
-            kube.apply(child)
+        for child in [builders.namespace(learner), *builders.children(learner, self.clients.settings)]:
+            try:
+                kube.apply(child)
+            except ApiException as err:
+                if err.status not in (400, 422):  # the API server refused what the spec asks for
+                    raise
+                return self._invalid(scope, f"{child['kind']} {child['metadata']['name']}: {api_message(err)}")
         if existing is None:
             scope.created = True
             scope.announcements.append(lambda: self._announce_created(scope))
@@ -150,7 +172,8 @@ class LearnerReconciler:
             scope.latest_base = storage.latest_base_version(model.name)
             pinned_found = model.version is not None and storage.base_exists(model.name, model.version)
         except StorageError as err:
-            raise RetryLater(f"store unreachable: {err}", delay=15) from err
+            scope.store_problem = str(err)
+            return Step.CONTINUE
         scope.base_problem = decisions.base_problem(model.name, model.version, pinned_found, scope.latest_base)
         return Step.CONTINUE
 
@@ -160,7 +183,8 @@ class LearnerReconciler:
         facts = decisions.LearnerFacts(
             generation=scope.lns.metadata.get("generation"), now=utc_now(), spec_problem=scope.spec_problem,
             ns_uid=learner.ns_uid if learner else None, namespace=learner.namespace if learner else None,
-            latest_base=scope.latest_base, base_problem=scope.base_problem,
+            latest_base=scope.latest_base, base_problem=scope.base_problem, store_problem=scope.store_problem,
+            store_grace=timedelta(seconds=self.clients.settings.store_grace_seconds),
             max_lag=self.clients.settings.max_version_lag, scoped_store=self.clients.storage.scoped)
         update_status(self.clients, scope.lns, lambda old: decisions.learner_status(facts, old), observed=True)
 
