@@ -253,7 +253,7 @@ SPEC = LearnerNamespaceSpec.model_validate({
     "learnerId": "ada", "baseModel": {"name": "tiny-llama"}, "guardians": [{"kind": "User", "name": "p"}],
     "merge": {"gpus": 2, "nodeSelector": {"gpu": "a100"}, "tolerations": [{"key": "gpu", "operator": "Exists"}],
               "timeZone": "Europe/Berlin"}})
-LEARNER = builders.Learner(name="learner-ada", uid="uid-1", ns_uid="abcdef123456", namespace="lrn-ada-abcdef12",
+LEARNER = builders.Learner(name="learner-ada", ns_uid="abcdef123456", namespace="lrn-ada-abcdef12",
                            spec=SPEC)
 SETTINGS = Settings(s3_endpoint="http://10.1.2.3:9000", merge_image="example/merge:1")
 
@@ -262,7 +262,8 @@ def test_namespace_is_restricted_and_not_owned() -> None:
     ns = builders.namespace(LEARNER)
     assert "ownerReferences" not in ns["metadata"]
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
-    assert all(c["metadata"]["ownerReferences"][0]["uid"] == "uid-1" for c in builders.children(LEARNER, SETTINGS))
+    # Nothing inside is owned by the CR either: deleting it (or its CRD) must not cascade.
+    assert all("ownerReferences" not in c["metadata"] for c in builders.children(LEARNER, SETTINGS))
 
 
 @pytest.mark.parametrize(("endpoint", "override", "to", "port"), [

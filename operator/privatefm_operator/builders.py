@@ -37,7 +37,6 @@ class Learner:
     """What the builders need to know about one LearnerNamespace."""
 
     name: str
-    uid: str  # the CR's metadata.uid (owner references)
     ns_uid: str
     namespace: str
     spec: LearnerNamespaceSpec
@@ -46,16 +45,12 @@ class Learner:
     def labels(self) -> dict[str, str]:
         return naming.learner_labels(self.name, self.spec.learner_id, self.ns_uid)
 
-    def owner(self) -> dict[str, Any]:
-        """Owner reference for children *inside* the namespace (never on the Namespace itself)."""
-        return {"apiVersion": "privatefm.io/v1alpha1", "kind": "LearnerNamespace", "name": self.name,
-                "uid": self.uid, "controller": True, "blockOwnerDeletion": False}
-
 
 def _meta(learner: Learner, name: str, component: str) -> dict[str, Any]:
+    """No ownerReference to the CR: deleting it (or its CRD) must never cascade through a learner's
+    isolation; the operator keeps these by server-side apply and adopts them again."""
     return {"name": name, "namespace": learner.namespace,
-            "labels": {**learner.labels, naming.LABEL_COMPONENT: component},
-            "ownerReferences": [learner.owner()]}
+            "labels": {**learner.labels, naming.LABEL_COMPONENT: component}}
 
 
 def namespace(learner: Learner) -> dict[str, Any]:

@@ -15,6 +15,7 @@ RECONCILING = "Reconciling"
 STALLED = "Stalled"
 DEGRADED = "Degraded"
 STORE_AVAILABLE = "StoreAvailable"
+CHECKPOINT_TRUSTED = "CheckpointTrusted"
 SCOPED_STORE_CREDENTIALS = "ScopedStoreCredentials"
 
 

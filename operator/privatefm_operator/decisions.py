@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 from privatefm_merge.contract import MergeResult
 
-from privatefm_operator import conditions
+from privatefm_operator import conditions, naming
 from privatefm_operator.api import Checkpoint, LearnerNamespaceStatus, LearnerPhase, MergePhase
 
 
@@ -23,15 +24,57 @@ def version_lag(latest_base: int | None, checkpoint_base: int | None) -> int | N
     return max(latest_base - checkpoint_base, 0)
 
 
+def trusted_checkpoint(status: LearnerNamespaceStatus, checkpoints_uri: str | None) -> Checkpoint | None:
+    """The current checkpoint, unless it points anywhere but ``<checkpoints_uri>/v<version>``, this
+    learner's own place in the store (a status written by someone else). None when unknown."""
+    current = status.current_checkpoint
+    if current is None or checkpoints_uri is None or current.uri == f"{checkpoints_uri}/v{current.version}":
+        return current
+    return None
+
+
+@dataclass(frozen=True)
+class History:
+    """What the store remembers of a learner (``Storage.learner_history``)."""
+
+    highest_version: int | None
+    merges: tuple[dict[str, Any], ...] = ()
+
+
+def recovered(status: LearnerNamespaceStatus, history: History | None, checkpoints_uri: str | None
+              ) -> LearnerNamespaceStatus:
+    """A status without a version counter (a CR created anew for an existing learner, or a brand-new
+    learner) takes the counter and, when it has none, the newest verified checkpoint from the store's
+    history, so versions never repeat and the learner keeps its model. The counter is 0 when there
+    is no history: planning waits until it is set."""
+    if history is None or checkpoints_uri is None or status.last_assigned_version is not None:
+        return status
+    best: Checkpoint | None = None
+    for record in history.merges:
+        try:
+            candidate = Checkpoint(version=record["version"], uri=f"{checkpoints_uri}/v{record['version']}",
+                                   manifest_sha256=record["manifestSha256"], base_version=record["baseVersion"],
+                                   adapter_seq=record.get("adapterSeq"), verified_at=record.get("at"))
+        except (KeyError, TypeError, ValueError):
+            continue
+        if best is None or candidate.version > best.version:
+            best = candidate
+    current = status.current_checkpoint or best
+    highest = max(history.highest_version or 0, best.version if best else 0, current.version if current else 0)
+    return status.model_copy(update={"last_assigned_version": highest, "current_checkpoint": current})
+
+
 def allocate_version(status: LearnerNamespaceStatus) -> LearnerNamespaceStatus:
     """The learner's status with the next version handed out (the counter only grows)."""
     current = status.current_checkpoint.version if status.current_checkpoint else None
     return status.model_copy(update={"last_assigned_version": next_version(status.last_assigned_version, current)})
 
 
-def advance_checkpoint(status: LearnerNamespaceStatus, checkpoint: Checkpoint) -> LearnerNamespaceStatus:
-    """The learner's status with ``checkpoint`` current, unless a newer one already is."""
-    current = status.current_checkpoint.version if status.current_checkpoint else None
+def advance_checkpoint(status: LearnerNamespaceStatus, checkpoint: Checkpoint,
+                       checkpoints_uri: str | None = None) -> LearnerNamespaceStatus:
+    """The learner's status with ``checkpoint`` current, unless a newer (trusted) one already is."""
+    trusted = trusted_checkpoint(status, checkpoints_uri)
+    current = trusted.version if trusted else None
     if not should_advance(current, checkpoint.version):
         return status
     return status.model_copy(update={"current_checkpoint": checkpoint})
@@ -39,18 +82,72 @@ def advance_checkpoint(status: LearnerNamespaceStatus, checkpoint: Checkpoint) -
 
 # ---- the learner's observed state ------------------------------------------------------------
 @dataclass(frozen=True)
+class Failure:
+    reason: str
+    message: str
+
+
+class Claim(StrEnum):
+    """What a LearnerNamespace may do with the namespace its learnerId maps to."""
+
+    CREATE = "Create"    # it does not exist yet
+    OWN = "Own"          # it is this CR's already
+    ADOPT = "Adopt"      # ours, but recorded for a CR that no longer exists (a CRD reinstall, a re-sync)
+    IN_USE = "InUse"     # another live LearnerNamespace has the same learnerId
+    FOREIGN = "Foreign"  # a namespace of that name that this operator did not make
+
+
+def namespace_claim(labels: dict[str, str] | None, lns_name: str, owner_alive: bool) -> Claim:
+    """``labels`` of the existing namespace (None: there is none); ``owner_alive``: the CR its
+    learner label names exists and is not being deleted. Labels of a namespace are written only
+    by cluster admins and this operator, never by a tenant."""
+    if labels is None:
+        return Claim.CREATE
+    if labels.get(naming.LABEL_MANAGED_BY) != naming.MANAGED_BY:
+        return Claim.FOREIGN
+    if labels.get(naming.LABEL_LEARNER) == lns_name:
+        return Claim.OWN
+    return Claim.IN_USE if owner_alive else Claim.ADOPT
+
+
+def claim_failure(claim: Claim, namespace: str, owner: str | None) -> Failure | None:
+    if claim == Claim.IN_USE:
+        return Failure("LearnerIdInUse", f"namespace {namespace} belongs to LearnerNamespace {owner}, which has the "
+                                         "same learnerId; this one touches nothing until that one is gone")
+    if claim == Claim.FOREIGN:
+        return Failure("NamespaceConflict", f"namespace {namespace} exists and is not managed by privatefm")
+    return None
+
+
+def is_learner_namespace(namespace: str, labels: dict[str, str], expected: str, ns_uid: str) -> bool:
+    """A namespace belongs to a learner only when it is the one that learner's identity maps to,
+    and the labels this operator put there agree."""
+    return (namespace == expected and labels.get(naming.LABEL_MANAGED_BY) == naming.MANAGED_BY
+            and labels.get(naming.LABEL_NS_UID) == ns_uid)
+
+
+def owned_by(metadata: dict[str, Any], kind: str, uid: str) -> bool:
+    """Whether an object has an ownerReference to the object of ``kind`` with this ``uid``."""
+    return bool(uid) and any(ref.get("kind") == kind and ref.get("uid") == uid
+                             for ref in metadata.get("ownerReferences") or [])
+
+
+@dataclass(frozen=True)
 class LearnerFacts:
     """What one reconcile of a LearnerNamespace observed. Empty problems mean "none"."""
 
     generation: int | None
     now: datetime
     spec_problem: str = ""  # the spec cannot be read, or the API server refused what it asks for
+    claim_problem: Failure | None = None  # the learner's namespace is not this CR's to manage
     ns_uid: str | None = None
     namespace: str | None = None
     latest_base: int | None = None
     base_problem: str = ""  # the base model cannot be used
     store_problem: str = ""  # the store could not be read: what it holds is unknown
     store_grace: timedelta = timedelta(minutes=2)  # how long an unreachable store leaves Ready alone
+    checkpoints_uri: str | None = None  # where this learner's checkpoints live (s3://bucket/learners/<nsUid>/checkpoints)
+    history: History | None = None  # read from the store only for a status that has never seen a version
     max_lag: int = 3
     scoped_store: bool = True  # False: runs get the operator's shared store keys (insecure mode)
 
@@ -74,20 +171,24 @@ def learner_status(facts: LearnerFacts, old: LearnerNamespaceStatus) -> LearnerN
     | observed                               | phase    | Ready | Stalled | reason             |
     |----------------------------------------|----------|-------|---------|--------------------|
     | the spec is invalid                    | Failed   | False | True    | InvalidSpec        |
+    | the namespace is another's             | Failed   | False | True    | LearnerIdInUse / NamespaceConflict |
     | the base model is missing              | Failed   | False | True    | BaseModelNotFound  |
     | the store unreachable past the grace   | Degraded | False | False   | StoreUnreachable   |
     | the checkpoint lags too far            | Degraded | True  | False   | CheckpointVerified |
     | otherwise                              | Ready    | True  | False   | CheckpointVerified / Provisioned |
     """
     gen, at = facts.generation, facts.now
+    old = recovered(old, facts.history, facts.checkpoints_uri)
     known = {"ns_uid": facts.ns_uid, "namespace": facts.namespace} if facts.namespace else {}
-    if facts.spec_problem:
+    stall = Failure("InvalidSpec", facts.spec_problem) if facts.spec_problem else facts.claim_problem
+    if stall is not None:
         return old.model_copy(update={**known, "phase": LearnerPhase.FAILED, "conditions": conditions.merge(
             old.conditions, conditions.kstatus(gen, at, ready=False, reconciling=False, stalled=True,
-                                               reason="InvalidSpec", message=facts.spec_problem[:2000]))})
+                                               reason=stall.reason, message=stall.message[:2000]))})
     # With the store unreachable, the latest base version is what was last seen.
     latest = old.base_model_latest_version if facts.store_problem else facts.latest_base
-    current = old.current_checkpoint
+    current = trusted_checkpoint(old, facts.checkpoints_uri)
+    forged = old.current_checkpoint.uri if old.current_checkpoint is not None and current is None else ""
     lag = version_lag(latest, current.base_version if current else None)
     degraded = lag is not None and lag > facts.max_lag
     store_down = bool(facts.store_problem) and at - unavailable_since(old, at) >= facts.store_grace
@@ -108,6 +209,10 @@ def learner_status(facts: LearnerFacts, old: LearnerNamespaceStatus) -> LearnerN
            conditions.condition(conditions.DEGRADED, degraded, "VersionLag" if degraded else "WithinLag",
                                 f"checkpoint is {lag} base versions behind (max {facts.max_lag})" if degraded
                                 else "", gen, at),
+           conditions.condition(conditions.CHECKPOINT_TRUSTED, not forged,
+                                "UnexpectedCheckpointURI" if forged else "ExpectedLayout",
+                                f"currentCheckpoint points at {forged}, not at this learner's checkpoints; it is "
+                                "ignored" if forged else "", gen, at),
            conditions.condition(conditions.STORE_AVAILABLE, not facts.store_problem,
                                 "StoreUnreachable" if facts.store_problem else "StoreReachable",
                                 facts.store_problem[:2000], gen, at),
@@ -135,12 +240,6 @@ def skip_invalid_spec(old: LearnerNamespaceStatus, generation: int | None) -> bo
 
 
 # ---- planning a run --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Failure:
-    reason: str
-    message: str
-
-
 def plan_failure(model: str, base_version: int | None, base_found: bool, adapter_seq: int | None,
                  adapters_prefix: str) -> Failure | None:
     """Why a run cannot start, or None when it can. Checked before any version is spent."""

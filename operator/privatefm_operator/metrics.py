@@ -20,6 +20,9 @@ MERGE_DURATION = Histogram("privatefm_merge_duration_seconds", "Merge wall time 
 CHECKPOINT_SIZE = Histogram("privatefm_checkpoint_size_bytes", "Size of verified checkpoints",
                             buckets=tuple(float(2**n) for n in range(20, 41, 2)))
 RECONCILE_DURATION = Histogram("privatefm_reconcile_duration_seconds", "Reconcile latency", ["kind"])
+UNTRUSTED = Counter("privatefm_untrusted_objects_total",
+                    "Objects ignored because their identity did not check out (a forged label, owner or status)",
+                    ["kind", "reason"])
 RECONCILE_ERRORS = Counter("privatefm_reconcile_errors_total", "Reconciles that raised", ["kind"])
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -25,9 +25,11 @@ LIMIT_RANGE = "privatefm-limits"
 CRONJOB = "nightly-merge"
 
 
-def ns_uid(cr_uid: str) -> str:
-    """A stable id for one learner's lifetime, derived from the CR's UID (12 hex chars)."""
-    return hashlib.sha256(cr_uid.encode()).hexdigest()[:12]
+def ns_uid(learner_id: str) -> str:
+    """The learner's stable id (12 hex chars), a function of its immutable ``learnerId`` alone: a
+    re-created CR (after a CRD reinstall, a GitOps re-sync) finds its namespace, store prefix and
+    history again, and nothing anyone can write into a status changes it."""
+    return hashlib.sha256(f"privatefm-learner:{learner_id}".encode()).hexdigest()[:12]
 
 
 def namespace_name(learner_id: str, uid: str) -> str:

@@ -106,6 +106,22 @@ class Storage:
                 if (m := _SEQ_DIR.match(d))]
         return max(seqs) if seqs else None
 
+    def learner_history(self, ns_uid: str) -> tuple[int | None, list[dict[str, Any]]]:
+        """What the store remembers of a learner whose CR has no status (re-created after a CRD
+        reinstall or a GitOps re-sync): the highest checkpoint version ever written to, and the
+        operator's own records of verified merges (merge pods cannot write the event log)."""
+        prefix = layout.learner_prefix(ns_uid)
+        versions = [int(m.group(1)) for d in self.root.list_dirs(f"{prefix}/checkpoints")
+                    if (m := _VERSION_DIR.match(d))]
+        records = []
+        for info in self.root.list_files(layout.events_prefix(ns_uid)):
+            if info.name.endswith("-merge.json"):
+                try:
+                    records.append(json.loads(self.root.read_bytes(info.name)))
+                except ValueError:
+                    log.warning("unreadable event record %s", info.name)
+        return (max(versions) if versions else None), records
+
     def verify(self, key_prefix: str) -> VerifyReport:
         """Rehash the checkpoint at ``key_prefix`` against its manifest."""
         return verify_checkpoint(self.uri(key_prefix), store=self._at(key_prefix))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from privatefm_operator import naming
+from privatefm_operator import decisions, naming
 from privatefm_operator.api import AdapterMerge, AdapterMergeSpec, MergeTrigger
 from privatefm_operator.reconcilers.base import Clients
 from privatefm_operator.reconcilers.merge import MergeReconciler
@@ -40,5 +40,22 @@ class JobEvents:
             return
         record = scheduled_run(job)
         if record is not None:
+            # Labels are anyone's to write: only the learner's own CronJob's Jobs get a record.
+            problem = self._not_a_scheduled_run(job)
+            if problem:
+                self.merges.distrust({"apiVersion": "batch/v1", "kind": "Job", "metadata": dict(meta)},
+                                     "ForeignJob", problem)
+                return
             self.clients.kube.create(record)  # None when it exists already: names are deterministic
         self.merges.reconcile_named(meta["namespace"], meta["name"])
+
+    def _not_a_scheduled_run(self, job: Mapping[str, Any]) -> str:
+        namespace = job["metadata"]["namespace"]
+        lns, problem = self.merges.learner_of_namespace(namespace)
+        if lns is None:
+            return problem
+        cronjob = self.clients.kube.get("CronJob", naming.CRONJOB, namespace)
+        if cronjob is None or not decisions.owned_by(dict(job["metadata"]), "CronJob", cronjob["metadata"]["uid"]):
+            return (f"Job {job['metadata']['name']} carries the scheduled-run labels but "
+                    f"{naming.CRONJOB} did not make it")
+        return ""

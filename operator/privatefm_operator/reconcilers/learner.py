@@ -20,6 +20,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from kubernetes.client.exceptions import ApiException
+from privatefm_merge import layout
 from privatefm_merge.clock import utc_now
 from privatefm_merge.errors import StorageError
 
@@ -46,11 +47,11 @@ log = logging.getLogger("privatefm.operator")
 
 
 def learner_of(lns: LearnerNamespace) -> Learner:
-    """What the builders need; the nsUid, once recorded in status, is kept."""
-    recorded = lns.status.ns_uid if lns.status else None
-    uid = recorded or naming.ns_uid(lns.uid)
-    return Learner(name=lns.name, uid=lns.uid, ns_uid=uid,
-                   namespace=naming.namespace_name(lns.spec.learner_id, uid), spec=lns.spec)
+    """What the builders need. Identity derives from the immutable learnerId alone, never from a
+    status field someone else might have written."""
+    uid = naming.ns_uid(lns.spec.learner_id)
+    return Learner(name=lns.name, ns_uid=uid, namespace=naming.namespace_name(lns.spec.learner_id, uid),
+                   spec=lns.spec)
 
 
 @dataclass
@@ -60,10 +61,12 @@ class LearnerScope:
     lns: LearnerNamespace | Invalid
     learner: Learner | None = None
     spec_problem: str = ""
+    claim_problem: decisions.Failure | None = None
     created: bool = False
     latest_base: int | None = None
     base_problem: str = ""
     store_problem: str = ""
+    history: decisions.History | None = None
     announcements: list[Callable[[], None]] = field(default_factory=list)
 
 
@@ -109,7 +112,7 @@ class LearnerReconciler:
             self._known.add(name)
             metrics.LEARNER_NAMESPACES.set(len(self._known))
             scope = LearnerScope(lns)
-            for phase in (self.read_spec, self.provision, self.observe_base):
+            for phase in (self.read_spec, self.provision, self.observe_base, self.recover_history):
                 step = phase(scope)
                 if step is Step.SKIP:
                     return scope.learner
@@ -135,9 +138,18 @@ class LearnerReconciler:
         if isinstance(scope.lns, Invalid):  # the CRD schema should have caught it; say so, do nothing
             return self._invalid(scope, scope.lns.error)
         scope.learner = learner_of(scope.lns)
-        if decisions.skip_invalid_spec(status_of(scope.lns, LearnerNamespaceStatus), scope.lns.generation):
+        status = status_of(scope.lns, LearnerNamespaceStatus)
+        if decisions.skip_invalid_spec(status, scope.lns.generation):
             return Step.SKIP
+        if status.ns_uid and status.ns_uid != scope.learner.ns_uid:  # not ours: someone wrote it
+            self._distrust(scope.lns, "NsUidMismatch", f"status.nsUid {status.ns_uid!r} is not the learner's "
+                           f"({scope.learner.ns_uid}); it is ignored and will be corrected")
         return Step.CONTINUE
+
+    def _distrust(self, obj: LearnerNamespace, reason: str, message: str) -> None:
+        metrics.UNTRUSTED.labels(kind=obj.kind, reason=reason).inc()
+        self.clients.kube.event(obj.ref(), "Warning", reason, message)
+        log.warning("untrusted %s: %s", reason, message, extra={"fields": {"object": obj.name}})
 
     def _invalid(self, scope: LearnerScope, problem: str) -> Step:
         scope.spec_problem = problem
@@ -152,6 +164,17 @@ class LearnerReconciler:
         existing = kube.get("Namespace", learner.namespace)
         if existing and existing.get("status", {}).get("phase") == "Terminating":
             raise RetryLater(f"namespace {learner.namespace} is terminating", delay=10)
+        labels = (existing or {}).get("metadata", {}).get("labels") or {} if existing else None
+        owner = (labels or {}).get(naming.LABEL_LEARNER)
+        owner_alive = bool(owner and owner != learner.name and self._alive(owner))
+        claim = decisions.namespace_claim(labels, learner.name, owner_alive)
+        scope.claim_problem = decisions.claim_failure(claim, learner.namespace, owner)
+        if scope.claim_problem is not None:
+            return Step.DONE
+        if claim == decisions.Claim.ADOPT:
+            scope.announcements.append(lambda: self.clients.kube.event(
+                scope.lns.ref(), "Normal", "NamespaceAdopted",
+                f"adopted namespace {learner.namespace} (recorded for {owner}, which no longer exists)"))
         for child in [builders.namespace(learner), *builders.children(learner, self.clients.settings)]:
             try:
                 kube.apply(child)
@@ -163,6 +186,24 @@ class LearnerReconciler:
             scope.created = True
             scope.announcements.append(lambda: self._announce_created(scope))
         return Step.CONTINUE
+
+    def recover_history(self, scope: LearnerScope) -> Step:
+        """A status that has never seen a version: is there a history in the store to take up?"""
+        status = status_of(scope.lns, LearnerNamespaceStatus)
+        if scope.store_problem or status.last_assigned_version is not None:
+            return Step.CONTINUE
+        assert scope.learner is not None
+        try:
+            highest, merges = self.clients.storage.learner_history(scope.learner.ns_uid)
+        except StorageError as err:
+            scope.store_problem = str(err)
+            return Step.CONTINUE
+        scope.history = decisions.History(highest, tuple(merges))
+        return Step.CONTINUE
+
+    def _alive(self, name: str) -> bool:
+        body = self.clients.kube.get("LearnerNamespace", name)
+        return body is not None and not body["metadata"].get("deletionTimestamp")
 
     def observe_base(self, scope: LearnerScope) -> Step:
         learner, storage = scope.learner, self.clients.storage
@@ -182,6 +223,8 @@ class LearnerReconciler:
         learner = scope.learner
         facts = decisions.LearnerFacts(
             generation=scope.lns.metadata.get("generation"), now=utc_now(), spec_problem=scope.spec_problem,
+            claim_problem=scope.claim_problem, checkpoints_uri=self.checkpoints_uri(learner) if learner else None,
+            history=scope.history,
             ns_uid=learner.ns_uid if learner else None, namespace=learner.namespace if learner else None,
             latest_base=scope.latest_base, base_problem=scope.base_problem, store_problem=scope.store_problem,
             store_grace=timedelta(seconds=self.clients.settings.store_grace_seconds),
@@ -203,5 +246,10 @@ class LearnerReconciler:
 
     def advance(self, lns: LearnerNamespace, checkpoint: Checkpoint) -> None:
         """Moves currentCheckpoint forward (never back)."""
-        update_status(self.clients, lns, lambda status: decisions.advance_checkpoint(status, checkpoint))
+        uri = self.checkpoints_uri(learner_of(lns))
+        update_status(self.clients, lns, lambda status: decisions.advance_checkpoint(status, checkpoint, uri))
+
+    def checkpoints_uri(self, learner: Learner) -> str:
+        """Where this learner's checkpoints live: the only place its currentCheckpoint may point."""
+        return self.clients.storage.uri(f"{layout.learner_prefix(learner.ns_uid)}/checkpoints")
 

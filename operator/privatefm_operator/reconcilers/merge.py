@@ -26,6 +26,7 @@ from privatefm_operator.api import (
     Checkpoint,
     JobRef,
     LearnerNamespace,
+    LearnerNamespaceStatus,
     MergePhase,
     MergeTrigger,
 )
@@ -105,6 +106,8 @@ class MergeReconciler:
         while am is not None and _status_of(am).phase not in TERMINAL:
             scope = MergeScope(am, _status_of(am).model_copy())
             step = self._run_phases(scope)
+            if step is Step.SKIP:
+                return
             body = self.write(scope)
             for effect in scope.after_write:
                 effect()
@@ -119,19 +122,38 @@ class MergeReconciler:
 
     # ---- phases ------------------------------------------------------------------------------
     def find_learner(self, scope: MergeScope) -> Step:
-        namespace = scope.am.metadata["namespace"]
-        ns = self.clients.kube.get("Namespace", namespace)
-        name = ((ns or {}).get("metadata", {}).get("labels") or {}).get(naming.LABEL_LEARNER)
-        body = self.clients.kube.get("LearnerNamespace", name) if name else None
-        if body is None:
-            return self.finish(scope, MergePhase.FAILED, "LearnerNotFound",
-                               f"namespace {namespace} belongs to no LearnerNamespace")
-        lns = parse(LearnerNamespace, body)
-        if isinstance(scope.am, Invalid) or isinstance(lns, Invalid):
-            error = scope.am.error if isinstance(scope.am, Invalid) else getattr(lns, "error", "")
-            return self.finish(scope, MergePhase.FAILED, "InvalidSpec", error)
+        """The learner whose namespace this is. A namespace's labels alone prove nothing: it must be
+        the very namespace that learner's identity maps to. An AdapterMerge anywhere else is ignored."""
+        lns, problem = self.learner_of_namespace(scope.am.metadata["namespace"])
+        if lns is None:
+            self.distrust(scope.am.ref(), "NotALearnerNamespace", problem)
+            return Step.SKIP
+        if isinstance(scope.am, Invalid):
+            return self.finish(scope, MergePhase.FAILED, "InvalidSpec", scope.am.error)
         scope.lns, scope.learner = lns, learner_of(lns)
         return Step.CONTINUE
+
+    def learner_of_namespace(self, namespace: str) -> tuple[LearnerNamespace | None, str]:
+        """(the LearnerNamespace that owns ``namespace``, or None and why not)."""
+        ns = self.clients.kube.get("Namespace", namespace)
+        labels = ((ns or {}).get("metadata") or {}).get("labels") or {}
+        name = labels.get(naming.LABEL_LEARNER)
+        body = self.clients.kube.get("LearnerNamespace", name) if name else None
+        lns = parse(LearnerNamespace, body) if body is not None else None
+        if not isinstance(lns, LearnerNamespace):
+            return None, f"namespace {namespace} belongs to no LearnerNamespace"
+        expected = learner_of(lns)
+        if not decisions.is_learner_namespace(namespace, labels, expected.namespace, expected.ns_uid):
+            return None, (f"namespace {namespace} is labelled for LearnerNamespace {name}, whose namespace is "
+                          f"{expected.namespace}")
+        return lns, ""
+
+    def distrust(self, ref: dict[str, Any], reason: str, message: str) -> None:
+        """Something claims an identity it does not have: ignored, never acted on, and made visible."""
+        metrics.UNTRUSTED.labels(kind=str(ref.get("kind")), reason=reason).inc()
+        self.clients.kube.event(ref, "Warning", reason, f"ignored: {message}")
+        log.warning("ignored %s %s/%s: %s", ref.get("kind"), ref["metadata"].get("namespace"),
+                    ref["metadata"].get("name"), message)
 
     def plan(self, scope: MergeScope) -> Step:
         """Picks base, adapter and parent, and assigns the next version."""
@@ -140,7 +162,10 @@ class MergeReconciler:
         self._ensure_fresh(scope, "planning spends a version")
         learner, lns, storage = scope.learner, scope.lns, self.clients.storage
         assert learner is not None and lns is not None
-        spec, current = scope.merge.spec, (lns.status.current_checkpoint if lns.status else None)
+        spec, lns_status = scope.merge.spec, status_of(lns, LearnerNamespaceStatus)
+        if lns_status.last_assigned_version is None:  # its history is not read yet: no version to give
+            raise RetryLater(f"LearnerNamespace {lns.name} has not been reconciled yet", delay=2)
+        current = decisions.trusted_checkpoint(lns_status, self.learners.checkpoints_uri(learner))
         model = learner.spec.base_model
         try:
             base = decisions.base_version_for_run(spec.base_version, current.base_version if current else None,
@@ -176,6 +201,11 @@ class MergeReconciler:
             job = kube.get("Job", am.name, am.namespace)
         if job is None:  # a scheduled run whose CronJob Job is gone, or a Job deleted under us
             return self.finish(scope, MergePhase.FAILED, "JobLost", f"Job {am.name} no longer exists")
+        if not self.job_is_ours(job, am):
+            self.distrust({"apiVersion": "batch/v1", "kind": "Job", "metadata": job["metadata"]}, "ForeignJob",
+                          f"Job {am.name} is owned by neither AdapterMerge {am.name} nor the learner's CronJob")
+            return self.finish(scope, MergePhase.FAILED, "ForeignJob",
+                               f"Job {am.name} was not made for this run; it is not started or read")
         if job["spec"].get("suspend"):
             step = self.hand_credentials(scope, job)
             if step is not Step.CONTINUE:
@@ -185,6 +215,13 @@ class MergeReconciler:
                 "annotations": params}}}}, am.namespace)
         scope.job = job
         return Step.CONTINUE
+
+    def job_is_ours(self, job: dict[str, Any], am: AdapterMerge) -> bool:
+        """A Job counts only when its AdapterMerge or the learner's own CronJob owns it (by uid)."""
+        if am.spec.trigger == MergeTrigger.MANUAL:
+            return decisions.owned_by(job["metadata"], "AdapterMerge", am.uid)
+        cronjob = self.clients.kube.get("CronJob", naming.CRONJOB, am.namespace)
+        return cronjob is not None and decisions.owned_by(job["metadata"], "CronJob", cronjob["metadata"]["uid"])
 
     def hand_credentials(self, scope: MergeScope, job: dict[str, Any]) -> Step:
         """Mints the run's temporary store credentials, limited to its own inputs and its one target
