@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from privatefm_merge.contract import MergeJob, MergeResult
-from privatefm_operator import builders, conditions, decisions
+from privatefm_operator import builders, conditions, decisions, naming
 from privatefm_operator.api import (
     Checkpoint,
     LearnerNamespaceSpec,
@@ -208,6 +208,93 @@ def test_a_refused_spec_is_not_retried_until_it_changes(reason: str, observed: i
     status = LearnerNamespaceStatus(conditions=conditions.kstatus(observed, T1, ready=False, reconciling=False,
                                                                   stalled=True, reason=reason, message="m"))
     assert decisions.skip_invalid_spec(status, generation) is skip
+
+
+# ---- identity ---------------------------------------------------------------------------------
+OURS = {"app.kubernetes.io/managed-by": "privatefm-operator", "privatefm.io/learner": "ada",
+        "privatefm.io/ns-uid": "abc"}
+
+
+@pytest.mark.parametrize(("labels", "alive", "claim", "reason"), [
+    (None, False, decisions.Claim.CREATE, None),
+    (OURS, False, decisions.Claim.OWN, None),
+    (OURS | {"privatefm.io/learner": "ada-old"}, False, decisions.Claim.ADOPT, None),       # its CR is gone
+    (OURS | {"privatefm.io/learner": "ada-twin"}, True, decisions.Claim.IN_USE, "LearnerIdInUse"),
+    ({"privatefm.io/learner": "ada"}, False, decisions.Claim.FOREIGN, "NamespaceConflict"),  # not made by us
+    ({}, False, decisions.Claim.FOREIGN, "NamespaceConflict"),
+])
+def test_namespace_claim(labels: dict[str, str] | None, alive: bool, claim: decisions.Claim,
+                         reason: str | None) -> None:
+    assert decisions.namespace_claim(labels, "ada", alive) == claim
+    failure = decisions.claim_failure(claim, "lrn-ada-abc", "ada-twin")
+    assert (failure.reason if failure else None) == reason
+
+
+def test_a_claim_problem_stalls_the_learner() -> None:
+    new = decisions.learner_status(facts(claim_problem=decisions.Failure("LearnerIdInUse", "taken")),
+                                   LearnerNamespaceStatus())
+    assert new.phase == LearnerPhase.FAILED and by_type(new)["Stalled"] == ("True", "LearnerIdInUse")
+
+
+def test_ns_uid_is_a_function_of_the_learner_id_alone() -> None:
+    assert naming.ns_uid("ada") == naming.ns_uid("ada") != naming.ns_uid("bo")
+    assert re.fullmatch(r"[0-9a-f]{12}", naming.ns_uid("ada"))
+
+
+@pytest.mark.parametrize(("namespace", "labels", "ok"), [
+    ("lrn-ada-abc", OURS, True),
+    ("lrn-mallory-123", OURS, False),                                       # labelled for ada, but not ada's
+    ("lrn-ada-abc", OURS | {"privatefm.io/ns-uid": "zzz"}, False),
+    ("lrn-ada-abc", {k: v for k, v in OURS.items() if k != "app.kubernetes.io/managed-by"}, False),
+])
+def test_is_learner_namespace(namespace: str, labels: dict[str, str], ok: bool) -> None:
+    assert decisions.is_learner_namespace(namespace, labels, "lrn-ada-abc", "abc") is ok
+
+
+@pytest.mark.parametrize(("refs", "ok"), [
+    ([{"kind": "CronJob", "uid": "u1"}], True),
+    ([{"kind": "CronJob", "uid": "u2"}], False),
+    ([{"kind": "AdapterMerge", "uid": "u1"}], False),
+    ([], False),
+])
+def test_owned_by(refs: list[dict[str, str]], ok: bool) -> None:
+    assert decisions.owned_by({"ownerReferences": refs}, "CronJob", "u1") is ok
+
+
+ROOT = "s3://b/learners/abc/checkpoints"
+
+
+@pytest.mark.parametrize(("uri", "trusted"), [
+    (f"{ROOT}/v3", True), ("s3://evil/x", False), (f"{ROOT}/v4", False), ("s3://b/learners/zzz/checkpoints/v3", False),
+])
+def test_only_a_checkpoint_in_the_learners_own_place_is_trusted(uri: str, trusted: bool) -> None:
+    cp = checkpoint(3, 1).model_copy(update={"uri": uri})
+    status = LearnerNamespaceStatus(current_checkpoint=cp)
+    assert (decisions.trusted_checkpoint(status, ROOT) is not None) is trusted
+    new = decisions.learner_status(facts(checkpoints_uri=ROOT), status)
+    assert by_type(new)["CheckpointTrusted"][0] == ("True" if trusted else "False")
+    assert new.current_checkpoint == cp  # reported, never silently rewritten
+    real = checkpoint(2, 1).model_copy(update={"uri": f"{ROOT}/v2"})
+    advanced = decisions.advance_checkpoint(status, real, ROOT).current_checkpoint
+    assert advanced == (cp if trusted else real)  # a forged pointer never blocks a real checkpoint
+
+
+def test_a_recreated_learner_takes_up_its_history() -> None:
+    merges = ({"version": 2, "baseVersion": 1, "adapterSeq": 1, "manifestSha256": "b" * 64,
+               "at": "2026-01-01T00:00:00Z"},
+              {"version": 4, "baseVersion": 2, "adapterSeq": 3, "manifestSha256": "c" * 64},
+              {"version": "garbage"})
+    new = decisions.learner_status(facts(checkpoints_uri=ROOT, history=decisions.History(5, merges)),
+                                   LearnerNamespaceStatus())
+    assert new.last_assigned_version == 5  # v5 was written to (a failed run): it is never handed out again
+    assert new.current_checkpoint is not None and new.current_checkpoint.version == 4
+    assert new.current_checkpoint.uri == f"{ROOT}/v4" and new.current_checkpoint.base_version == 2
+    fresh = decisions.learner_status(facts(checkpoints_uri=ROOT, history=decisions.History(None)),
+                                     LearnerNamespaceStatus())
+    assert (fresh.last_assigned_version, fresh.current_checkpoint) == (0, None)
+    seen = LearnerNamespaceStatus(last_assigned_version=1)
+    assert decisions.learner_status(facts(checkpoints_uri=ROOT, history=decisions.History(9, merges)),
+                                    seen).last_assigned_version == 1  # a status that has a counter keeps it
 
 
 @pytest.mark.parametrize(("pinned", "found", "latest", "problem"), [
