@@ -36,7 +36,7 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
 
 
 class Kube:
-    def __init__(self, api: client.ApiClient | None = None, events_namespace: str = "default") -> None:
+    def __init__(self, api: client.ApiClient | None = None) -> None:
         if api is None:
             try:
                 config.load_incluster_config()
@@ -44,7 +44,6 @@ class Kube:
                 config.load_kube_config()
             api = client.ApiClient()
         self.api = api
-        self.events_namespace = events_namespace  # where Events about cluster-scoped objects go
 
     # ---- generic REST ----------------------------------------------------------------------
     def _path(self, kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
@@ -105,7 +104,7 @@ class Kube:
     def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """A core/v1 Event about ``obj``. Failure to post is logged, never raised."""
         meta = obj["metadata"]
-        namespace = meta.get("namespace") or self.events_namespace
+        namespace = meta.get("namespace") or "default"
         now = rfc3339()
         body = {
             "apiVersion": "v1", "kind": "Event",

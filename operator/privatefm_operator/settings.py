@@ -55,7 +55,3 @@ class Settings(BaseSettings):
     max_version_lag: int = Field(default=3, ge=0)
     resync_seconds: float = Field(default=60.0, gt=0, description="How often drift is repaired")
     http_port: int = Field(default=8080, description="/metrics, /healthz, /readyz")
-    events_namespace: str = Field(default="privatefm-system",
-                                  description="Where Events about LearnerNamespaces (cluster-scoped) are posted: "
-                                              "the operator's own namespace, the only one outside learner "
-                                              "namespaces it writes to")

@@ -24,7 +24,7 @@ class Reconcilers:
 
 def build(settings: Settings) -> Reconcilers:
     """The shared clients, made once (at operator start-up), and the reconcilers that use them."""
-    clients = Clients(Kube(events_namespace=settings.events_namespace), Storage(settings), settings)
+    clients = Clients(Kube(), Storage(settings), settings)
     learners = LearnerReconciler(clients)
     merges = MergeReconciler(clients, learners)
     learners.merges = merges
