@@ -587,3 +587,120 @@ def test_a_store_outage_shows_in_status_and_heals(kube: Kube, learner: LearnerHa
              and condition(learner.status(), "StoreAvailable").get("status") == "True", 40, "recovery")
     learner.request_merge("after-outage")
     assert learner.wait_merge("after-outage")["status"]["phase"] == "Succeeded"
+
+
+# ---- 12. identity that others cannot forge ---------------------------------------------------
+def untrusted(operator: OperatorProcess, kind: str, reason: str) -> float:
+    return operator.metrics().get(f'privatefm_untrusted_objects_total{{kind="{kind}",reason="{reason}"}}', 0.0)
+
+
+def warning_about(kube: Kube, namespace: str, name: str, reason: str) -> list[dict[str, Any]]:
+    items = get(kube, "events", "-n", namespace, "--field-selector", f"reason={reason}").get("items", [])
+    return [e for e in items if e["involvedObject"]["name"] == name and e["type"] == "Warning"]
+
+
+def test_a_namespace_labelled_for_another_learner_gets_nothing(kube: Kube, learner: LearnerHandle,
+                                                               operator: OperatorProcess, uid: str) -> None:
+    """A namespace an admin labelled as the victim's, with an AdapterMerge in it: ignored."""
+    forged = f"forged-{uid}"
+    before = untrusted(operator, "AdapterMerge", "NotALearnerNamespace")
+    victim_counter = learner.status().get("lastAssignedVersion")
+    kube.kubectl("create", "namespace", forged)
+    try:
+        kube.kubectl("label", "namespace", forged, f"privatefm.io/learner={learner.name}",
+                     "app.kubernetes.io/managed-by=privatefm-operator", f"privatefm.io/ns-uid={learner.ns_uid}")
+        body = {"apiVersion": "privatefm.io/v1alpha1", "kind": "AdapterMerge",
+                "metadata": {"name": "steal", "namespace": forged}, "spec": {"trigger": "Manual"}}
+        kube.kubectl("create", "-f", "-", input=json.dumps(body))
+        wait_for(lambda: warning_about(kube, forged, "steal", "NotALearnerNamespace"), 20, "a Warning about it")
+        time.sleep(3)  # a few resyncs: still nothing happens
+        assert not (get(kube, "am", "steal", "-n", forged).get("status") or {}).get("phase")
+        assert get(kube, "jobs", "-n", forged)["items"] == []
+        assert get(kube, "jobs", "-n", learner.namespace)["items"] == []
+        assert learner.status().get("lastAssignedVersion") == victim_counter  # no version of the victim spent
+        assert untrusted(operator, "AdapterMerge", "NotALearnerNamespace") > before
+    finally:
+        kube.kubectl("delete", "namespace", forged, "--wait=false", check=False)
+
+
+def test_a_job_with_our_labels_elsewhere_is_never_started_or_fed(kube: Kube, learner: LearnerHandle,
+                                                                 operator: OperatorProcess, namespace: str) -> None:
+    """A suspended Job in an unrelated namespace, dressed as a scheduled run of the victim."""
+    labels = {"app.kubernetes.io/managed-by": "privatefm-operator", "privatefm.io/trigger": "Scheduled",
+              "privatefm.io/learner": learner.name, "privatefm.io/ns-uid": learner.ns_uid}
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "lure", "namespace": namespace,
+                                                                  "labels": labels},
+           "spec": {"suspend": True, "template": {"spec": {"restartPolicy": "Never", "containers": [
+               {"name": "c", "image": "busybox", "command": ["true"]}]}}}}
+    kube.kubectl("create", "-f", "-", input=json.dumps(job))
+    wait_for(lambda: warning_about(kube, namespace, "lure", "ForeignJob"), 20, "a Warning about the Job")
+    time.sleep(2)
+    seen = get(kube, "job", "lure", "-n", namespace)
+    assert seen["spec"]["suspend"] is True
+    assert not (seen["spec"]["template"]["metadata"] or {}).get("annotations"), "no store URI is injected"
+    assert get(kube, "am", "-n", namespace).get("items", []) == []
+    assert untrusted(operator, "Job", "ForeignJob") >= 1
+
+
+def test_status_forgery_is_refused_or_ignored(kube: Kube, learner: LearnerHandle) -> None:
+    """status.nsUid pointed at another learner, and a fake currentCheckpoint: the admission policy
+    refuses the write where it is installed; the operator ignores it where it is not."""
+    other = "0123456789ab"
+    forged = kube.kubectl("patch", "lns", learner.name, "--subresource=status", "--type=merge", "-p", json.dumps(
+        {"status": {"nsUid": other, "currentCheckpoint": {
+            "version": 99, "uri": "s3://evil/x", "manifestSha256": "0" * 64, "baseVersion": 1}}}), check=False)
+    if forged.returncode == 0:
+        wait_for(lambda: (c := condition(learner.status(), "CheckpointTrusted")).get("status") == "False" and c,
+                 20, "the fake checkpoint to be flagged")
+        wait_for(lambda: learner.status().get("nsUid") == learner.ns_uid, 20, "nsUid to be corrected")
+        assert learner.events("NsUidMismatch")
+    else:
+        assert "denied" in forged.stderr or "forbidden" in forged.stderr.lower(), forged.stderr
+    learner.request_merge("after-forgery")
+    status = learner.wait_merge("after-forgery")["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["checkpoint"]["uri"].startswith(f"s3://privatefm/learners/{learner.ns_uid}/checkpoints/")
+    assert status.get("parentVersion") in (None, 0)  # the fake v99 was never taken as the parent
+    current = learner.status()["currentCheckpoint"]
+    assert current["uri"] == status["checkpoint"]["uri"]
+
+
+# ---- 13. stable learners ---------------------------------------------------------------------
+def test_a_second_learner_with_the_same_id_touches_nothing(kube: Kube, learner: LearnerHandle, uid: str) -> None:
+    twin = f"twin-{uid}"
+    body = yaml.safe_load((REPO / "manifests" / "samples" / "learnernamespace-minimal.yaml").read_text())
+    body["metadata"]["name"] = twin
+    body["spec"]["learnerId"] = learner.learner_id
+    kube.kubectl("apply", "-f", "-", input=json.dumps(body))
+    try:
+        stalled = wait_for(lambda: (c := condition(get(kube, "lns", twin).get("status") or {}, "Stalled")).get(
+            "reason") == "LearnerIdInUse" and c, 20, "the twin to be Stalled/LearnerIdInUse")
+        assert learner.name in stalled["message"]
+        labels = get(kube, "namespace", learner.namespace)["metadata"]["labels"]
+        assert labels["privatefm.io/learner"] == learner.name
+        assert condition(learner.status(), "Ready")["status"] == "True"
+    finally:
+        kube.kubectl("delete", "lns", twin, "--wait=false", check=False)
+
+
+def test_a_recreated_learner_readopts_its_namespace_and_history(kube: Kube, learner: LearnerHandle) -> None:
+    learner.request_merge("before")
+    assert learner.wait_merge("before")["status"]["phase"] == "Succeeded"
+    before = learner.status()
+    netpol_uid = get(kube, "networkpolicy", "privatefm-isolation", "-n", learner.namespace)["metadata"]["uid"]
+    manifest = get(kube, "lns", learner.name)
+    kube.kubectl("delete", "lns", learner.name, "--timeout=60s")  # the CR is gone; nothing cascades
+    assert get(kube, "networkpolicy", "privatefm-isolation", "-n", learner.namespace)["metadata"]["uid"] == netpol_uid
+    assert get(kube, "namespace", learner.namespace)["status"]["phase"] == "Active"
+    again = {k: manifest[k] for k in ("apiVersion", "kind", "spec")} | {"metadata": {"name": learner.name}}
+    kube.kubectl("apply", "-f", "-", input=json.dumps(again))
+    kube.kubectl("wait", "--for=condition=Ready", f"lns/{learner.name}", "--timeout=60s")
+    after = learner.status()
+    assert (after["namespace"], after["nsUid"]) == (before["namespace"], before["nsUid"])
+    assert after["currentCheckpoint"]["version"] == before["currentCheckpoint"]["version"] == 1
+    assert after["currentCheckpoint"]["manifestSha256"] == before["currentCheckpoint"]["manifestSha256"]
+    assert after["lastAssignedVersion"] >= 1
+    assert get(kube, "networkpolicy", "privatefm-isolation", "-n", learner.namespace)["metadata"]["uid"] == netpol_uid
+    learner.request_merge("after")
+    status = learner.wait_merge("after")["status"]
+    assert status["phase"] == "Succeeded" and status["targetVersion"] == 2 and status["parentVersion"] == 1
