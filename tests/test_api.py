@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import zoneinfo
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from privatefm_operator import crdgen
-from privatefm_operator.api import AdapterMerge, LearnerNamespace
+from privatefm_operator.api import IANA_TIME_ZONE, AdapterMerge, LearnerNamespace
 from privatefm_testing.kube import Kube
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +47,16 @@ def with_path(body: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
 DELETE = object()
 GOOD = lns("placeholder")
 
+
+def merge(**settings: Any) -> dict[str, Any]:
+    """``GOOD`` with these ``spec.merge`` settings."""
+    return with_path(GOOD, "spec.merge", settings)
+
+
+def requests(**quantities: Any) -> dict[str, Any]:
+    return merge(resources={"requests": quantities})
+
+
 # (id, object, field the error must name, further text the error must contain)
 MALFORMED: list[tuple[str, dict[str, Any], str, str]] = [
     ("learnerId-uppercase", with_path(GOOD, "spec.learnerId", "Ada"), "spec.learnerId", "should match"),
@@ -78,17 +90,93 @@ MALFORMED: list[tuple[str, dict[str, Any], str, str]] = [
      "should match"),
     ("gpus-too-many", with_path(GOOD, "spec.merge", {"gpus": 9}), "spec.merge.gpus", "less than or equal to 8"),
     ("gpus-negative", with_path(GOOD, "spec.merge", {"gpus": -1}), "spec.merge.gpus", "greater than or equal"),
-    ("gpu-in-limits", with_path(GOOD, "spec.merge", {"resources": {"limits": {"nvidia.com/gpu": 1}}}),
-     "spec.merge.resources.limits", "merge.gpus"),
-    ("quantity", with_path(GOOD, "spec.merge", {"resources": {"requests": {"cpu": "lots"}}}),
-     "spec.merge.resources.requests.cpu", "should match"),
-    ("toleration-operator", with_path(GOOD, "spec.merge", {"tolerations": [{"operator": "Maybe"}]}),
+    # Each cron field within CronJob's ranges (robfig/cron: day of week is 0-6, 7 is rejected there too).
+    ("schedule-minute-61", merge(schedule="61 * * * *"), "spec.merge.schedule", "minute field (#1)"),
+    ("schedule-hour-25", merge(schedule="0 25 * * *"), "spec.merge.schedule", "hour field (#2)"),
+    ("schedule-letters", merge(schedule="a b c d e"), "spec.merge.schedule", "minute field (#1)"),
+    ("schedule-dom-0", merge(schedule="0 2 0 * *"), "spec.merge.schedule", "day-of-month field (#3)"),
+    ("schedule-month-13", merge(schedule="0 2 * 13 *"), "spec.merge.schedule", "month field (#4)"),
+    ("schedule-dow-7", merge(schedule="0 2 * * 7"), "spec.merge.schedule", "day-of-week field (#5)"),
+    ("schedule-range-reversed", merge(schedule="0 2 * * FRI-MON"), "spec.merge.schedule", "a <= b"),
+    ("schedule-step-0", merge(schedule="*/0 * * * *"), "spec.merge.schedule", "n >= 1"),
+    ("timeZone-Local", merge(timeZone="Local"), "spec.merge.timeZone", "not Local"),
+    ("timeZone-component-over-14", merge(timeZone="Europe/Berlin_and_Brandenburg"), "spec.merge.timeZone",
+     "should match"),
+    # Quantities: parsed as Kubernetes parses them (its regex alone let 1.2.3 through to a 500 on apply).
+    ("quantity-negative", requests(cpu="-1"), "spec.merge.resources.requests[cpu]", "must not be negative"),
+    ("quantity-negative-int", requests(cpu=-1), "spec.merge.resources.requests[cpu]", "must not be negative"),
+    ("quantity-1.2.3", requests(cpu="1.2.3"), "spec.merge.resources.requests[cpu]", "must be a quantity"),
+    ("quantity-1KKK", merge(resources={"limits": {"memory": "1KKK"}}), "spec.merge.resources.limits[memory]",
+     "must be a quantity"),
+    ("quantity-word", requests(cpu="lots"), "spec.merge.resources.requests[cpu]", "must be a quantity"),
+    ("quantity-float", requests(cpu=1.5), "spec.merge.resources.requests.cpu", "integer,string"),
+    ("gpu-in-limits", merge(resources={"limits": {"nvidia.com/gpu": 1}}), "spec.merge.resources.limits",
+     "merge.gpus"),
+    ("gpu-in-requests", requests(**{"nvidia.com/gpu": 2}), "spec.merge.resources.requests", "merge.gpus"),
+    ("resource-name-unknown", requests(memroy="1Gi"), "spec.merge.resources.requests",
+     "may name only cpu, memory, ephemeral-storage"),
+    ("nodeSelector-key", merge(nodeSelector={"bad key!": "x"}), "spec.merge.nodeSelector", "label keys"),
+    ("nodeSelector-key-prefix-over-253", merge(nodeSelector={"a" * 254 + "/b": "x"}), "spec.merge.nodeSelector",
+     "label keys"),
+    ("nodeSelector-value", merge(nodeSelector={"disk": "fast ssd"}), "spec.merge.nodeSelector.disk",
+     "should match"),
+    ("toleration-operator", merge(tolerations=[{"operator": "Maybe"}]),
      "spec.merge.tolerations[0].operator", "Unsupported value"),
+    ("toleration-exists-with-value", merge(tolerations=[{"key": "k", "operator": "Exists", "value": "v"}]),
+     "spec.merge.tolerations[0].value", "value must be empty when operator is Exists"),
+    ("toleration-no-key-equal", merge(tolerations=[{"value": "v"}]), "spec.merge.tolerations[0].operator",
+     "operator must be Exists when key is empty"),
+    ("toleration-seconds-without-NoExecute", merge(tolerations=[{"key": "k", "operator": "Exists",
+                                                                 "tolerationSeconds": 30}]),
+     "spec.merge.tolerations[0].effect", "NoExecute"),
+    ("toleration-key", merge(tolerations=[{"key": "bad key!", "operator": "Exists"}]),
+     "spec.merge.tolerations[0].key", "label key"),
+    ("toleration-value", merge(tolerations=[{"key": "k", "value": "bad value!"}]),
+     "spec.merge.tolerations[0].value", "should match"),
     ("unknown-spec-field", with_path(GOOD, "spec.fooBar", 1), "spec.fooBar", "unknown field"),
     ("unknown-merge-field", with_path(GOOD, "spec.merge", {"cron": "0 2 * * *"}), "spec.merge.cron",
      "unknown field"),
-    ("name-too-long", with_path(GOOD, "metadata.name", "l" * 64), "metadata.name", "at most 63"),
+    ("name-too-long", with_path(GOOD, "metadata.name", "l" * 64), "metadata.name: Invalid value", "at most 63"),
 ]
+
+# Valid variants the rules above must keep accepting: (id, object).
+ACCEPTED: list[tuple[str, dict[str, Any]]] = [
+    ("schedule-lists-ranges-steps-names", merge(schedule="*/15 2-4 1,15 JAN-MAR MON-FRI")),
+    ("schedule-question-marks", merge(schedule="0 2 ? * ?")),
+    ("schedule-lowercase-names-steps", merge(schedule="0 2 * jan-dec/3 sun-sat/2")),
+    ("schedule-leading-zeros-tab", merge(schedule="00 02\t*/1 * 0-6")),
+    ("schedule-start-with-step", merge(schedule="5/20 1-23/2 1/7 2-dec 0-SAT")),
+    ("timeZone-three-parts", merge(timeZone="America/Argentina/Buenos_Aires")),
+    ("timeZone-etc-offset", merge(timeZone="Etc/GMT+5")),
+    # Well-formed but unknown: only the zone database knows, so the operator reports it, not the schema.
+    ("timeZone-unknown", merge(timeZone="Mars/Olympus")),
+    ("quantities", merge(resources={"requests": {"cpu": "500m", "memory": "1.5Gi", "ephemeral-storage": 2},
+                                    "limits": {"cpu": "2e0", "memory": "2Gi", "ephemeral-storage": "10G"}})),
+    ("quantity-zero", requests(cpu=0, memory="0")),
+    ("tolerate-every-taint", merge(tolerations=[{"operator": "Exists"}, {"key": "", "operator": "Exists"}])),
+    ("tolerations", merge(tolerations=[
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute",
+         "tolerationSeconds": 300},
+        {"key": "dedicated", "value": "merge_v1.2", "effect": "PreferNoSchedule"},
+        {"key": "dedicated", "operator": "Equal", "value": ""}])),
+    ("nodeSelector", merge(nodeSelector={"kubernetes.io/arch": "amd64", "nvidia.com/gpu.present": "true",
+                                         "Pool_1.a": "", "a" * 253 + "/" + "b" * 63: "c" * 63})),
+]
+
+# Schedules against CronJob's own validation in the same API server: each must get the same verdict.
+SCHEDULES_AS_CRONJOB = [
+    "0 2 * * *", "*/15 2-4 1,15 JAN-MAR MON-FRI", "0 2 * * 6", "0 2 * * 0", "? * * * *", "0 2 ? * ?",
+    "05 02 * * *", "000 2 * * 006", "0 2 * jan mon", "0 2 * Jan-mar sun", "0 2 * 2-dec *", "0 2 * * 0-sat",
+    "1/5 * * * *", "0-59/100 * * * *", "*/60 * * * *", "0 0-23/2 * * *", "0 2 31 2 *", "0 2 15-15 * *",
+    "0 2 * * mon/2", "0 2 * * 0-SAT/3", "0 2 1-31/2 * *",
+    "0 2 * * 7", "0 2 * * 1-7", "0 2 * * 07", "61 * * * *", "60 * * * *", "0 25 * * *", "0 24 * * *",
+    "0 2 0 * *", "0 2 32 * *", "0 2 * 0 *", "0 2 * 13 *", "a b c d e", "jan * * * *", "0 2 * * MONDAY",
+    "5-3 * * * *", "59-0 * * * *", "0 2 * DEC-JAN *", "0 2 * * SAT-SUN", "0 2 * 12-1 *", "*/0 * * * *",
+    "0/0 * * * *", "5/ * * * *", "*/ * * * *", "1-2-3 * * * *", "1/2/3 * * * *", "0 2 * * -1",
+]
+# Where the schema is deliberately stricter than CronJob's lax parser.
+SCHEDULES_STRICTER = ["1,,2 * * * *", ",1 * * * *", "+5 * * * *", "*-5 * * * *"]
 
 AM_GOOD: dict[str, Any] = {"apiVersion": "privatefm.io/v1alpha1", "kind": "AdapterMerge",
                            "metadata": {"name": "placeholder"}, "spec": {"trigger": "Manual"}}
@@ -96,7 +184,11 @@ MALFORMED_AM: list[tuple[str, dict[str, Any], str, str]] = [
     ("am-trigger", with_path(AM_GOOD, "spec.trigger", "Nightly"), "spec.trigger", "Unsupported value"),
     ("am-adapterSeq", with_path(AM_GOOD, "spec.adapterSeq", -1), "spec.adapterSeq", "greater than or equal"),
     ("am-baseVersion-type", with_path(AM_GOOD, "spec.baseVersion", "latest"), "spec.baseVersion", "integer"),
-    ("am-name-dots", with_path(AM_GOOD, "metadata.name", "merge.one"), "metadata.name", "DNS label"),
+    ("am-name-dots", with_path(AM_GOOD, "metadata.name", "merge.one"), "metadata.name: Invalid value",
+     "DNS label"),
+    ("am-name-too-long", with_path(AM_GOOD, "metadata.name", "m" * 64), "metadata.name: Invalid value",
+     "at most 63"),
+    ("am-spec-missing", with_path(AM_GOOD, "spec", DELETE), "spec", "Required value"),
     ("am-unknown", with_path(AM_GOOD, "spec.priority", "high"), "spec.priority", "unknown field"),
 ]
 
@@ -130,6 +222,13 @@ def test_generated_schema_is_structural_and_default_free() -> None:
 
     for info in crdgen.CRDS:
         walk(crdgen.openapi_schema(info), info.kind)
+
+
+def test_every_known_time_zone_passes_the_schema() -> None:
+    pattern = re.compile(IANA_TIME_ZONE)
+    zones = zoneinfo.available_timezones()
+    assert "Europe/Berlin" in zones
+    assert [z for z in zones if not pattern.match(z) or z.lower() == "local"] == []
 
 
 def test_samples_parse_with_operator_defaults() -> None:
@@ -170,6 +269,50 @@ def test_malformed_manifest_is_rejected_naming_the_field(
 
 
 @pytest.mark.cluster
+@pytest.mark.parametrize(("case", "body"), ACCEPTED, ids=[c[0] for c in ACCEPTED])
+def test_valid_variant_is_accepted(kube: Kube, crds: None, uid: str, case: str, body: dict[str, Any]) -> None:
+    body = with_path(body, "metadata.name", f"{case.lower()}-{uid}")
+    proc = kube.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(body), check=False)
+    assert proc.returncode == 0, f"{case}: {proc.stderr}"
+
+
+def _accepted(create: Any, body: dict[str, Any]) -> bool:
+    """Whether a server-side dry-run create passes validation."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        create(body)
+    except ApiException as exc:
+        assert exc.status == 422, exc.body  # rejected by validation, not by anything else
+        return False
+    return True
+
+
+@pytest.mark.cluster
+def test_schedule_verdicts_match_cronjob(kube: Kube, crds: None, namespace: str, uid: str) -> None:
+    from kubernetes import client
+
+    api = kube.api_client()
+    custom, batch = client.CustomObjectsApi(api), client.BatchV1Api(api)
+
+    def ours(schedule: str) -> bool:
+        body = with_path(merge(schedule=schedule), "metadata.name", f"sched-{uid}")
+        return _accepted(lambda b: custom.create_cluster_custom_object(
+            "privatefm.io", "v1alpha1", "learnernamespaces", b, dry_run="All"), body)
+
+    def cronjob(schedule: str) -> bool:
+        body = {"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "probe"},
+                "spec": {"schedule": schedule, "jobTemplate": {"spec": {"template": {"spec": {
+                    "restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}}}}}
+        return _accepted(lambda b: batch.create_namespaced_cron_job(namespace, b, dry_run="All"), body)
+
+    verdicts = {s: (ours(s), cronjob(s)) for s in SCHEDULES_AS_CRONJOB + SCHEDULES_STRICTER}
+    assert {s: v for s, v in verdicts.items() if s in SCHEDULES_AS_CRONJOB and v[0] != v[1]} == {}
+    assert {s: v for s, v in verdicts.items() if s in SCHEDULES_STRICTER and v != (False, True)} == {}
+    assert sum(ok for ok, _ in verdicts.values()) >= 20  # both kinds are really exercised
+
+
+@pytest.mark.cluster
 @pytest.mark.parametrize(("path", "value", "message"), [
     ("spec.learnerId", "someone-else", "learnerId is immutable"),
     ("spec.baseModel.name", "other-model", "baseModel.name is immutable"),
@@ -192,7 +335,24 @@ def test_adapter_merge_spec_is_immutable(kube: Kube, crds: None, namespace: str)
     body = with_path(AM_GOOD, "metadata", {"name": "once", "namespace": namespace})
     kube.kubectl("apply", "-f", "-", input=json.dumps(body))
     proc = kube.kubectl("apply", "-f", "-", input=json.dumps(with_path(body, "spec.adapterSeq", 3)), check=False)
-    assert proc.returncode != 0 and "spec is immutable" in proc.stderr, proc.stderr
+    assert proc.returncode != 0 and "spec: Invalid value" in proc.stderr, proc.stderr
+    assert "spec is immutable" in proc.stderr, proc.stderr
+
+    def patch(op: dict[str, Any]) -> str:
+        proc = kube.kubectl("patch", "am", "once", "-n", namespace, "--type=json", "-p", json.dumps([op]),
+                            check=False)
+        assert proc.returncode != 0, f"{op} was accepted"
+        return proc.stderr
+
+    # Removing spec (to add another afterwards) is no way around it: spec is required.
+    assert "spec: Required value" in patch({"op": "remove", "path": "/spec"})
+    replaced = patch({"op": "replace", "path": "/spec", "value": {"trigger": "Manual", "adapterSeq": 3}})
+    assert "spec: Invalid value" in replaced and "spec is immutable" in replaced, replaced
+    assert "spec is immutable" in patch({"op": "add", "path": "/spec/reason", "value": "again"})
+    # The rest of the object still updates, and the spec is what it was.
+    kube.kubectl("label", "am", "once", "-n", namespace, "note=kept")
+    assert json.loads(kube.kubectl("get", "am", "once", "-n", namespace, "-o", "json").stdout)["spec"] == \
+        AM_GOOD["spec"]
 
 
 @pytest.mark.cluster

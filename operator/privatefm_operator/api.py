@@ -21,19 +21,84 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # Five whitespace-separated cron fields; CronJob's own macros and TZ= prefixes are not accepted here.
+# The shape only: ``cron_field_rules`` checks each field's values as CronJob's parser does.
 CRON_5_FIELDS = r"^([0-9*/,?A-Za-z-]+[ \t]+){4}[0-9*/,?A-Za-z-]+$"
-IANA_TIME_ZONE = r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$"
+# Path components of at most 14 characters, as Kubernetes checks a CronJob's timeZone. Whether the
+# zone exists only the zone database knows: the operator reports an unknown one.
+IANA_TIME_ZONE = r"^[A-Za-z][A-Za-z0-9_+-]{0,13}(/[A-Za-z0-9_+][A-Za-z0-9_+-]{0,13})*$"
 GO_DURATION = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"
-QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+# A label key (also a taint key): an optional DNS-subdomain prefix of at most 253 characters and
+# '/', then a name of at most 63. A label value is such a name or empty.
+LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_KEY = rf"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?{LABEL_NAME}$"
+LABEL_VALUE = rf"^({LABEL_NAME})?$"
+LABEL_KEY_TEXT = ("an optional DNS subdomain of at most 253 characters and '/', then a name of at most 63 "
+                  "characters: alphanumerics, '-', '_' or '.', starting and ending with an alphanumeric")
+# What the merge container may ask for; GPUs have their own field (merge.gpus).
+RESOURCE_NAMES = ("cpu", "memory", "ephemeral-storage")
 
 
 def cel(rule: str, message: str) -> dict[str, Any]:
     return {"rule": rule, "message": message}
 
 
+def label_key_rule(var: str) -> str:
+    """CEL: ``var`` is a label key (the prefix's 253 characters are beyond a regex)."""
+    return f"{var}.matches(r'{LABEL_KEY}') && {var}.indexOf('/') <= 253"
+
+
+# CronJob parses its schedule with robfig/cron's standard parser. Per field it takes a comma-separated
+# list of `*` or `?` (every value), a value, or a range `a-b` with a <= b, each optionally `/step`
+# (step >= 1; `a/step` runs from a to the field's maximum). Month and weekday also take English
+# three-letter names in any case. Day of week is 0-6: that parser rejects 7. Stricter than the
+# parser only where it is lax about nonsense: empty list items (`1,,2`), signs (`+5`), `*-5`.
+MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
+WEEKDAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
+# (name, its values as a regex (after any leading zeros, which the parser allows) and in words,
+# its names, the number of its first name)
+CRON_FIELDS: tuple[tuple[str, str, str, list[str], int], ...] = (
+    ("minute", "[0-9]|[1-5][0-9]", "0-59", [], 0),
+    ("hour", "[0-9]|1[0-9]|2[0-3]", "0-23", [], 0),
+    ("day-of-month", "[1-9]|[12][0-9]|3[01]", "1-31", [], 0),
+    ("month", "[1-9]|1[0-2]", "1-12 or JAN-DEC", MONTHS, 1),
+    ("day-of-week", "[0-6]", "0-6 or SUN-SAT", WEEKDAYS, 0),
+)
+
+
+def cron_field_rules() -> list[Any]:  # list[JsonValue] for pydantic
+    """One CEL rule per cron field: its items' syntax and value range by regex, a <= b in CEL.
+
+    A name's number is its offset in the joined names divided by 3 (months count from 1)."""
+    rules = []
+    for index, (name, numbers, words, names, first) in enumerate(CRON_FIELDS):
+        value = f"0*({numbers})" + (f"|(?i:{'|'.join(names)})" if names else "")
+        item = rf"^([*?]|({value})(-({value}))?)(/0*[1-9][0-9]{{0,8}})?$"
+
+        def number(v: str, names: list[str] = names, first: int = first) -> str:
+            if not names:
+                return f"int({v})"
+            by_name = f"'{''.join(names)}'.indexOf({v}.lowerAscii()) / 3 + {first}"
+            return f"({v}.matches('^[0-9]+$') ? int({v}) : {by_name})"
+
+        ends = "r.split('/')[0].split('-')"
+        field = f"self.replace('\\t', ' ').split(' ').filter(f, f != '')[{index}]"
+        rule = (f"!self.matches(r'{CRON_5_FIELDS}') || {field}.split(',').all(r, r.matches(r'{item}') && "
+                f"(!r.contains('-') || {number(ends + '[0]')} <= {number(ends + '[1]')}))")
+        rules.append(cel(rule, f"schedule: the {name} field (#{index + 1}) takes *, ?, values {words}, ranges "
+                               "a-b with a <= b, steps /n with n >= 1, and lists of those (a,b)"))
+    return rules
+
+
+# A resource quantity as in a PodSpec: an integer, or a string Kubernetes parses (500m, 1.5Gi, 2e3).
+# Kubernetes' own regex for quantities is only a first cut before the parser, so it admits
+# '1.2.3' or '1KKK'; CEL's isQuantity runs the parser itself.
 Quantity = Annotated[
     int | str,
-    WithJsonSchema({"x-kubernetes-int-or-string": True, "pattern": QUANTITY}),
+    WithJsonSchema({"x-kubernetes-int-or-string": True, "x-kubernetes-validations": [
+        cel("type(self) == int || isQuantity(self)", "must be a quantity, e.g. 500m, 2, 1.5Gi or 32Gi"),
+        cel("type(self) == int ? self >= 0 : (!isQuantity(self) || !quantity(self).isLessThan(quantity('0')))",
+            "must not be negative"),
+    ]}),
 ]
 
 
@@ -122,16 +187,36 @@ CONDITIONS_FIELD: dict[str, Any] = {
 
 
 class Toleration(Model):
-    """A pod toleration for the merge pods (same meaning as in a PodSpec)."""
+    """A pod toleration for the merge pods (same meaning and rules as in a PodSpec)."""
 
-    key: str | None = Field(default=None, max_length=316, description="Taint key the toleration applies to.")
+    key: str | None = Field(
+        default=None, max_length=317, description="Taint key the toleration applies to; empty (with Exists) "
+                                                  "tolerates every taint.",
+        json_schema_extra={"x-kubernetes-validations": [cel(
+            f"self == '' || ({label_key_rule('self')})", f"a taint key is a label key: {LABEL_KEY_TEXT}")]})
     operator: Literal["Exists", "Equal"] | None = Field(
         default=None, description="Exists or Equal (default Equal).")
-    value: str | None = Field(default=None, max_length=63, description="Taint value to match with Equal.")
+    value: str | None = Field(default=None, max_length=63, pattern=LABEL_VALUE,
+                              description="Taint value to match with Equal.")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to match; empty matches all effects.")
     toleration_seconds: int | None = Field(
         default=None, ge=0, description="How long a NoExecute taint is tolerated before eviction.")
+
+    model_config: ClassVar[ConfigDict] = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel("!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+            "value must be empty when operator is Exists") | {"fieldPath": ".value"},
+        cel("(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+            "operator must be Exists when key is empty (which tolerates every taint)") | {"fieldPath": ".operator"},
+        cel("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+            "effect must be NoExecute when tolerationSeconds is set") | {"fieldPath": ".effect"},
+    ]})
+
+
+def _resource_names(which: str) -> dict[str, Any]:
+    return {"maxProperties": 8, "x-kubernetes-validations": [cel(
+        f"self.all(name, name in {list(RESOURCE_NAMES)})",
+        f"{which} may name only {', '.join(RESOURCE_NAMES)} (set GPUs with merge.gpus)")]}
 
 
 class Resources(Model):
@@ -139,10 +224,10 @@ class Resources(Model):
 
     requests: dict[str, Quantity] | None = Field(
         default=None, description="Minimum resources, e.g. {cpu: '4', memory: 32Gi}.",
-        json_schema_extra={"maxProperties": 8})
+        json_schema_extra=_resource_names("resources.requests"))
     limits: dict[str, Quantity] | None = Field(
         default=None, description="Maximum resources, e.g. {memory: 48Gi}.",
-        json_schema_extra={"maxProperties": 8})
+        json_schema_extra=_resource_names("resources.limits"))
 
 
 # ---- LearnerNamespace ------------------------------------------------------------------------
@@ -174,23 +259,23 @@ class MergeSettings(Model):
 
     schedule: str = Field(
         default="0 2 * * *", pattern=CRON_5_FIELDS, max_length=128,
-        description="Cron schedule with 5 fields (minute hour day-of-month month day-of-week). "
-                    "Default '0 2 * * *'.")
+        description="Cron schedule with 5 fields (minute 0-59, hour 0-23, day-of-month 1-31, month 1-12 or "
+                    "JAN-DEC, day-of-week 0-6 or SUN-SAT), as a CronJob takes it. Default '0 2 * * *'.",
+        json_schema_extra={"x-kubernetes-validations": cron_field_rules()})
     time_zone: str | None = Field(
         default=None, pattern=IANA_TIME_ZONE, max_length=64,
-        description="IANA time zone of the schedule, e.g. Europe/Berlin. Default: the controller's (UTC).")
+        description="IANA time zone of the schedule, e.g. Europe/Berlin. Default: the controller's (UTC).",
+        json_schema_extra={"x-kubernetes-validations": [cel(
+            "self.lowerAscii() != 'local'", "timeZone must name an IANA time zone, not Local")]})
     suspend: bool = Field(default=False, description="Stop scheduling new nightly merges. Manual merges still run.")
     gpus: int = Field(default=1, ge=0, le=8, description="nvidia.com/gpu per merge pod. Default 1; 0 merges on CPU.")
     resources: Resources | None = Field(default=None, description="CPU and memory for the merge pod.")
-    node_selector: dict[str, str] | None = Field(
+    node_selector: dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]] | None = Field(
         default=None, description="Node labels the merge pod must run on.",
-        json_schema_extra={"maxProperties": 16})
+        json_schema_extra={"maxProperties": 16, "x-kubernetes-validations": [cel(
+            f"self.all(key, {label_key_rule('key')})", f"nodeSelector keys must be label keys: {LABEL_KEY_TEXT}")]})
     tolerations: list[Toleration] | None = Field(
         default=None, max_length=16, description="Tolerations for the merge pod, e.g. for tainted GPU nodes.")
-
-    model_config: ClassVar[ConfigDict] = ConfigDict(json_schema_extra={"x-kubernetes-validations": [cel(
-        "!has(self.resources) || !has(self.resources.limits) || !('nvidia.com/gpu' in self.resources.limits)",
-        "set GPUs with merge.gpus, not resources.limits") | {"fieldPath": ".resources.limits"}]})
 
 
 class LearnerNamespaceSpec(Model):
@@ -327,9 +412,9 @@ class AdapterMerge(Resource):
     api_version: Literal["privatefm.io/v1alpha1"] = Field(default="privatefm.io/v1alpha1",
                                                           description="privatefm.io/v1alpha1")
     kind: Literal["AdapterMerge"] = Field(default="AdapterMerge", description="AdapterMerge")
-    spec: AdapterMergeSpec = Field(
-        default_factory=AdapterMergeSpec, description="What to merge. Immutable.",
-        json_schema_extra={"x-kubernetes-validations": [cel("self == oldSelf", "spec is immutable")]})
+    # Required, and immutable by a rule on the whole object: a rule on spec alone is skipped when an
+    # update removes spec or adds one, so removing it and adding another would get past it.
+    spec: AdapterMergeSpec = Field(description="What to merge. Required ({} takes every default). Immutable.")
     status: AdapterMergeStatus | None = Field(default=None, description="Observed state.")
 
 
@@ -360,7 +445,7 @@ CRDS = [
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
         root_rules=[cel("self.metadata.name.size() <= 63", "metadata.name must be at most 63 characters "
-                        "(it names the learner's namespace and labels)")],
+                        "(it names the learner's namespace and labels)") | {"fieldPath": ".metadata.name"}],
     ),
     CrdInfo(
         kind="AdapterMerge", plural="adaptermerges", singular="adaptermerge",
@@ -373,8 +458,12 @@ CRDS = [
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
         # The run's Job carries the same name, and Job names are DNS labels.
-        root_rules=[cel("self.metadata.name.size() <= 63 && "
-                        "self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
-                        "metadata.name must be a DNS label of at most 63 characters (it names the merge Job)")],
+        root_rules=[
+            cel("self.metadata.name.size() <= 63 && self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
+                "metadata.name must be a DNS label of at most 63 characters (it names the merge Job)")
+            | {"fieldPath": ".metadata.name"},
+            cel("has(self.spec) == has(oldSelf.spec) && (!has(self.spec) || self.spec == oldSelf.spec)",
+                "spec is immutable") | {"fieldPath": ".spec"},
+        ],
     ),
 ]

@@ -72,7 +72,9 @@ def openapi_schema(info: CrdInfo) -> dict[str, Any]:
     props = schema["properties"]
     props["apiVersion"] = {"type": "string", "description": "APIVersion of this object."}
     props["kind"] = {"type": "string", "description": "Kind of this object."}
-    props["metadata"] = {"type": "object"}  # the API server allows nothing more here
+    # The API server allows nothing more here than name and generateName; name is declared so that
+    # a root rule about it can name it (fieldPath .metadata.name), the rule itself is CEL.
+    props["metadata"] = {"type": "object", "properties": {"name": {"type": "string", "description": "Object name."}}}
     schema["required"] = [r for r in schema.get("required", []) if r not in ("apiVersion", "kind", "metadata")]
     schema["description"] = " ".join((info.model.__doc__ or "").split())
     if info.root_rules:
