@@ -16,6 +16,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ from privatefm_testing.podrunner import PodRunner
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[1]
 OPERATOR_SA = ("privatefm-system", "privatefm-operator")
+GUARDIAN = "parent-of-bo"  # the guardian of manifests/samples/learnernamespace-minimal.yaml
+APPROVAL = "privatefm.io/deletion-approved-by"
 
 
 def get(kube: Kube, *args: str) -> dict[str, Any]:
@@ -58,6 +61,16 @@ def operator_kubeconfig(kube: Kube) -> Path:
     kube.kubectl("apply", "-f", str(REPO / "manifests" / "rbac.yaml"))
     kube.kubectl("wait", "--for=condition=Established", "crd/learnernamespaces.privatefm.io",
                  "crd/adaptermerges.privatefm.io", "--timeout=60s")
+    # The sample learners' guardian may approve deletions (patch LearnerNamespaces; nothing else).
+    guardian_rbac = [
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "test-guardian"},
+         "rules": [{"apiGroups": ["privatefm.io"], "resources": ["learnernamespaces"],
+                    "verbs": ["get", "list", "watch", "patch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+         "metadata": {"name": "test-guardian"},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "test-guardian"},
+         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": GUARDIAN}]}]
+    kube.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": guardian_rbac}))
     token = kube.kubectl("create", "token", OPERATOR_SA[1], "-n", OPERATOR_SA[0], "--duration=6h").stdout.strip()
     return token_kubeconfig(kube.kubeconfig, token, kube.workdir / "operator.kubeconfig")
 
@@ -135,6 +148,16 @@ class LearnerHandle:
     def publish_adapter(self, seq: int, corrupt: bool = False) -> None:
         seed.publish_adapter(self.s3.client(), self.s3.bucket, self.ns_uid, seq, seed=seq, corrupt=corrupt)
 
+    def approve_deletion(self, guardian: str = GUARDIAN) -> None:
+        self.kube.kubectl("annotate", "--overwrite", "lns", self.name, f"{APPROVAL}={guardian}",
+                          as_user=guardian, as_groups=("system:authenticated",))
+
+    def delete(self) -> None:
+        """Delete as the product intends: request it, and a listed guardian approves (no waiting)."""
+        if get(self.kube, "lns", self.name):
+            self.kube.kubectl("delete", "lns", self.name, "--wait=false", check=False)
+            self.approve_deletion()
+
     def events(self, reason: str) -> list[dict[str, Any]]:
         items = get(self.kube, "events", "-A", "--field-selector", f"reason={reason}").get("items", [])
         return [e for e in items if e["involvedObject"]["name"] == self.name
@@ -147,14 +170,14 @@ def learner(kube: Kube, s3: S3Info, operator: OperatorProcess, uid: str) -> Iter
     body = yaml.safe_load((REPO / "manifests" / "samples" / "learnernamespace-minimal.yaml").read_text())
     body["metadata"]["name"] = name
     body["spec"]["learnerId"] = f"l{uid}"
+    body["spec"]["deletionDelay"] = "2s"
     kube.kubectl("apply", "-f", "-", input=json.dumps(body))
     kube.kubectl("wait", "--for=condition=Ready", f"lns/{name}", "--timeout=60s")
     status = get(kube, "lns", name)["status"]
     handle = LearnerHandle(kube, s3, name, f"l{uid}", status["namespace"], status["nsUid"])
     handle.publish_adapter(1)
     yield handle
-    kube.kubectl("delete", "lns", name, "--wait=false", check=False)
-    kube.kubectl("delete", "namespace", handle.namespace, "--wait=false", check=False)
+    handle.delete()
 
 
 # ---- 1. provisioning -------------------------------------------------------------------------
@@ -689,7 +712,11 @@ def test_a_recreated_learner_readopts_its_namespace_and_history(kube: Kube, lear
     before = learner.status()
     netpol_uid = get(kube, "networkpolicy", "privatefm-isolation", "-n", learner.namespace)["metadata"]["uid"]
     manifest = get(kube, "lns", learner.name)
-    kube.kubectl("delete", "lns", learner.name, "--timeout=60s")  # the CR is gone; nothing cascades
+    # The CR vanishes without the operator's deletion flow (the break-glass path of a stuck uninstall):
+    # a cluster admin deletes it and strips its finalizers. Nothing cascades.
+    kube.kubectl("delete", "lns", learner.name, "--wait=false")
+    kube.kubectl("patch", "lns", learner.name, "--type=merge", "-p", json.dumps({"metadata": {"finalizers": None}}))
+    wait_for(lambda: not get(kube, "lns", learner.name), 30, "the CR to vanish")
     assert get(kube, "networkpolicy", "privatefm-isolation", "-n", learner.namespace)["metadata"]["uid"] == netpol_uid
     assert get(kube, "namespace", learner.namespace)["status"]["phase"] == "Active"
     again = {k: manifest[k] for k in ("apiVersion", "kind", "spec")} | {"metadata": {"name": learner.name}}
@@ -704,3 +731,93 @@ def test_a_recreated_learner_readopts_its_namespace_and_history(kube: Kube, lear
     learner.request_merge("after")
     status = learner.wait_merge("after")["status"]
     assert status["phase"] == "Succeeded" and status["targetVersion"] == 2 and status["parentVersion"] == 1
+
+
+# ---- 14. guardian-approved, delayed deletion -------------------------------------------------
+def learner_objects(s3: S3Info, ns_uid: str) -> list[str]:
+    listed = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=f"{layout.learner_prefix(ns_uid)}/")
+    return [o["Key"] for o in listed.get("Contents", [])]
+
+
+def set_delay(kube: Kube, learner: LearnerHandle, delay: str) -> None:
+    kube.kubectl("patch", "lns", learner.name, "--type=merge", "-p", json.dumps({"spec": {"deletionDelay": delay}}))
+
+
+def test_deletion_waits_for_a_guardian_and_the_delay_then_removes_everything(
+        kube: Kube, learner: LearnerHandle, s3: S3Info, base_model: str) -> None:
+    learner.request_merge("kept")
+    assert learner.wait_merge("kept")["status"]["phase"] == "Succeeded"
+    set_delay(kube, learner, "6s")
+    objects = learner_objects(s3, learner.ns_uid)
+    assert objects
+    kube.kubectl("delete", "lns", learner.name, "--wait=false")
+    held = wait_for(lambda: learner.status().get("phase") == "AwaitingGuardian" and learner.status(), 20,
+                    "AwaitingGuardian")
+    assert held["deletion"]["requestedAt"] and not held["deletion"].get("approvedBy")
+    assert learner.events("DeletionRequested")
+    time.sleep(4)  # unapproved: nothing goes, however long it waits
+    assert get(kube, "namespace", learner.namespace)["status"]["phase"] == "Active"
+    assert get(kube, "networkpolicy", "privatefm-isolation", "-n", learner.namespace)
+    assert learner_objects(s3, learner.ns_uid) == objects
+
+    learner.approve_deletion()
+    approved = wait_for(lambda: (d := learner.status().get("deletion") or {}).get("approvedBy") and d, 20,
+                        "the approval to be recorded")
+    assert approved["approvedBy"] == GUARDIAN
+    requested, at = (datetime.fromisoformat(approved[k].replace("Z", "+00:00")) for k in ("requestedAt", "approvedAt"))
+    not_before = datetime.fromisoformat(approved["notBefore"].replace("Z", "+00:00"))
+    assert not_before == max(requested, at) + timedelta(seconds=6)
+    assert get(kube, "namespace", learner.namespace)["status"]["phase"] == "Active"  # the delay still runs
+    wait_for(lambda: not get(kube, "lns", learner.name), 90, "the LearnerNamespace to be gone")
+    assert datetime.now(UTC) >= not_before
+    assert not get(kube, "namespace", learner.namespace) or \
+        get(kube, "namespace", learner.namespace)["status"]["phase"] == "Terminating"
+    assert learner_objects(s3, learner.ns_uid) == []
+    shards = [o["Key"].rsplit("/", 1)[1] for o in s3.client().list_objects_v2(
+        Bucket=s3.bucket, Prefix=layout.base_prefix(seed.BASE_MODEL, 1) + "/")["Contents"]]
+    assert S3Store(s3.client(), s3.bucket, layout.checkpoint_prefix(learner.ns_uid, 1)).incomplete_uploads(
+        names=shards) == []
+    assert s3.client().head_object(Bucket=s3.bucket, Key=f"{layout.base_prefix(seed.BASE_MODEL, 1)}/manifest.json")
+    audits = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=f"audit/{learner.ns_uid}/").get("Contents", [])
+    assert len(audits) == 1
+    record = json.loads(s3.client().get_object(Bucket=s3.bucket, Key=audits[0]["Key"])["Body"].read())
+    assert (record["approvedBy"], record["storeObjectsRemoved"]) == (GUARDIAN, len(objects))
+    assert record["storeBytesRemoved"] > 0 and record["namespace"] == learner.namespace
+    assert learner.events("LearnerDeleted")
+
+
+def test_revoking_the_approval_stops_the_deletion(kube: Kube, learner: LearnerHandle) -> None:
+    set_delay(kube, learner, "8s")
+    kube.kubectl("delete", "lns", learner.name, "--wait=false")
+    learner.approve_deletion()
+    wait_for(lambda: (learner.status().get("deletion") or {}).get("approvedBy"), 20, "the approval")
+    kube.kubectl("annotate", "lns", learner.name, f"{APPROVAL}-", as_user=GUARDIAN,
+                 as_groups=("system:authenticated",))
+    wait_for(lambda: not (learner.status().get("deletion") or {}).get("approvedBy"), 20, "the revocation")
+    assert learner.events("DeletionRevoked")
+    time.sleep(10)  # past the old notBefore
+    assert get(kube, "lns", learner.name) and get(kube, "namespace", learner.namespace)["status"]["phase"] == "Active"
+    assert learner.status()["phase"] == "AwaitingGuardian"
+
+
+def test_operator_restarts_never_delete_early_and_always_finish(kube: Kube, learner: LearnerHandle,
+                                                                operator: OperatorProcess, s3: S3Info) -> None:
+    set_delay(kube, learner, "10s")
+    kube.kubectl("delete", "lns", learner.name, "--wait=false")
+    learner.approve_deletion()
+    approved = wait_for(lambda: (d := learner.status().get("deletion") or {}).get("notBefore") and d, 20,
+                        "the approval")
+    not_before = datetime.fromisoformat(approved["notBefore"].replace("Z", "+00:00"))
+    operator.kill()  # between the approval and the delay
+    time.sleep(2)
+    operator.start()
+    while datetime.now(UTC) < not_before - timedelta(seconds=1):
+        assert get(kube, "namespace", learner.namespace)["status"]["phase"] == "Active", "deleted before notBefore"
+        time.sleep(0.5)
+    wait_for(lambda: (learner.status().get("deletion") or {}).get("startedAt"), 30, "the deletion to start")
+    operator.kill()  # mid-deletion
+    time.sleep(2)
+    operator.start()
+    wait_for(lambda: not get(kube, "lns", learner.name), 90, "the deletion to finish after a restart")
+    assert learner_objects(s3, learner.ns_uid) == []
+    assert s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=f"audit/{learner.ns_uid}/").get("KeyCount") == 1

@@ -312,6 +312,8 @@ class LearnerPhase(StrEnum):
     READY = "Ready"
     DEGRADED = "Degraded"
     FAILED = "Failed"
+    AWAITING_GUARDIAN = "AwaitingGuardian"  # deletion requested; waiting for approval and the delay
+    DELETING = "Deleting"                   # approved and due: the namespace and store prefix go
 
 
 class Checkpoint(Model):
@@ -324,6 +326,24 @@ class Checkpoint(Model):
     adapter_seq: int | None = Field(default=None, ge=0, description="Adapter sequence number that was merged.")
     size_bytes: int | None = Field(default=None, ge=0, description="Total size of the checkpoint's files.")
     verified_at: datetime | None = Field(default=None, description="When the operator verified the manifest.")
+
+
+class DeletionStatus(Model):
+    """Progress of a guardian-approved deletion. Every step is recorded, so a restarted operator
+    goes on where it stopped and never repeats or skips one."""
+
+    requested_at: datetime | None = Field(default=None, description="When deletion was requested.")
+    approved_by: str | None = Field(default=None, description="Guardian who approved (the annotation's value).")
+    approved_at: datetime | None = Field(default=None, description="When the operator first saw the approval.")
+    not_before: datetime | None = Field(
+        default=None, description="max(requestedAt, approvedAt) + deletionDelay: the earliest time it may run.")
+    started_at: datetime | None = Field(
+        default=None, description="When deletion began; from here on it can no longer be revoked.")
+    namespace_deleted_at: datetime | None = Field(default=None, description="When the namespace was gone.")
+    store_objects_removed: int | None = Field(default=None, ge=0, description="Objects removed from the store.")
+    store_bytes_removed: int | None = Field(default=None, ge=0, description="Bytes removed from the store.")
+    audit_record: str | None = Field(default=None, description="s3:// URI of the audit record, which outlives "
+                                                               "the learner.")
 
 
 class LearnerNamespaceStatus(Status):
@@ -342,6 +362,7 @@ class LearnerNamespaceStatus(Status):
     base_model_latest_version: int | None = Field(default=None, description="Latest published base version.")
     version_lag: int | None = Field(
         default=None, description="Latest base version minus the current checkpoint's base version.")
+    deletion: DeletionStatus | None = Field(default=None, description="Guardian-approved deletion progress.")
 
 
 class LearnerNamespace(Resource):

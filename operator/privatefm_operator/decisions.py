@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -10,7 +11,15 @@ from typing import Any
 from privatefm_merge.contract import MergeResult
 
 from privatefm_operator import conditions, naming
-from privatefm_operator.api import Checkpoint, LearnerNamespaceStatus, LearnerPhase, MergePhase
+from privatefm_operator.api import (
+    Checkpoint,
+    DeletionStatus,
+    Guardian,
+    GuardianKind,
+    LearnerNamespaceStatus,
+    LearnerPhase,
+    MergePhase,
+)
 
 
 def next_version(last_assigned: int | None, current: int | None) -> int:
@@ -326,3 +335,68 @@ def accept_checkpoint(result: MergeResult, target_version: int, manifest_sha256:
         return Acceptance(False, "VerificationFailed",
                           f"manifest is for version {manifest_version}, expected {target_version}")
     return Acceptance(True, "Verified", f"checkpoint v{target_version} verified")
+
+
+# ---- guardian-approved deletion --------------------------------------------------------------
+_GO_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def go_duration(text: str) -> timedelta:
+    """A Go duration (``24h``, ``1h30m``, ``90s``), the form of spec.deletionDelay."""
+    parts = _GO_DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not a Go duration: {text!r}")
+    return timedelta(seconds=sum(float(n) * _GO_UNITS[u] for n, u in parts))
+
+
+def approver(annotations: dict[str, str], guardians: list[Guardian]) -> str | None:
+    """Who approved the deletion, if anyone may have. A User guardian must be listed by name. Group
+    membership is not visible to the operator: the admission policy checks that whoever sets the
+    annotation is in a listed group and writes their own username, so any value counts when a
+    Group guardian is listed."""
+    value = annotations.get(naming.APPROVAL_ANNOTATION, "").strip()
+    if not value:
+        return None
+    if any(g.kind == GuardianKind.USER and g.name == value for g in guardians):
+        return value
+    return value if any(g.kind == GuardianKind.GROUP for g in guardians) else None
+
+
+def deletion_progress(old: DeletionStatus | None, requested: datetime, approved_by: str | None, delay: timedelta,
+                      now: datetime) -> DeletionStatus:
+    """The deletion's state after looking at the approval once more.
+
+    An approval counts from when the operator first saw it; removing it before deletion started
+    revokes it. Once started, deletion goes on to the end: it cannot be half undone."""
+    d = old or DeletionStatus(requested_at=requested)
+    if d.started_at is not None:
+        return d
+    if approved_by is None:
+        return d.model_copy(update={"approved_by": None, "approved_at": None, "not_before": None})
+    approved_at = d.approved_at if d.approved_by == approved_by and d.approved_at else now
+    requested_at = d.requested_at or requested
+    return d.model_copy(update={"approved_by": approved_by, "approved_at": approved_at,
+                                "not_before": max(requested_at, approved_at) + delay})
+
+
+def deletion_due(d: DeletionStatus, now: datetime) -> bool:
+    """Nothing is deleted before both an approval and the delay."""
+    return d.started_at is not None or (d.approved_by is not None and d.not_before is not None
+                                        and now >= d.not_before)
+
+
+def deletion_status(old: LearnerNamespaceStatus, d: DeletionStatus, generation: int | None,
+                    now: datetime) -> LearnerNamespaceStatus:
+    """The learner's phase and conditions while it is being deleted."""
+    if d.started_at is not None:
+        phase, reason, message = LearnerPhase.DELETING, "Deleting", "deleting the namespace and the store prefix"
+    elif d.approved_by is None:
+        phase, reason = LearnerPhase.AWAITING_GUARDIAN, "AwaitingGuardian"
+        message = f"deletion requested; a listed guardian must approve ({naming.APPROVAL_ANNOTATION})"
+    else:
+        phase, reason = LearnerPhase.AWAITING_GUARDIAN, "DeletionDelay"
+        message = f"approved by {d.approved_by}; deletion runs at {d.not_before}"
+    return old.model_copy(update={"phase": phase, "deletion": d, "conditions": conditions.merge(
+        old.conditions, conditions.kstatus(generation, now, ready=False, reconciling=True, stalled=False,
+                                           reason=reason, message=message))})

@@ -1,6 +1,7 @@
 """kopf wiring only: each handler parses what kopf delivered and hands it to its reconciler.
 
-LearnerNamespaces are reconciled on resume, on spec change and on a timer (drift repair).
+LearnerNamespaces are reconciled on resume, on spec change and on a timer (drift repair); once
+deleted, the deletion handler holds them until a guardian approved and the delay passed.
 AdapterMerges are looked at on resume and create; their Jobs' events drive them afterwards.
 No timer watches AdapterMerges, so they carry no kopf finalizer and never block namespace deletion.
 The clients and reconcilers are built once, at start-up, and kept in kopf's ``memo``.
@@ -65,9 +66,15 @@ def learner_resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     _retrying(lambda: memo.reconcilers.learners.reconcile(parse(LearnerNamespace, body)))
 
 
-@kopf.on.delete(*LNS, optional=True)
-def learner_deleted(name: str, memo: kopf.Memo, **_: Any) -> None:
-    memo.reconcilers.learners.forget(name)
+@kopf.on.delete(*LNS)
+def learner_deleting(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Runs until the guardian finalizer is released; kopf calls it again after each delay."""
+    def go() -> None:
+        delay = memo.reconcilers.deletions.reconcile(parse(LearnerNamespace, body))
+        if delay is not None:
+            raise RetryLater("deletion is held: see status.deletion", delay=delay)
+        memo.reconcilers.learners.forget(name)
+    _retrying(go)
 
 
 @kopf.on.resume(*AM)

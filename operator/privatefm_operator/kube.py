@@ -100,6 +100,16 @@ class Kube:
                                content_type="application/merge-patch+json",
                                query=[("fieldManager", FIELD_MANAGER)]))
 
+    def delete(self, kind: str, name: str, namespace: str | None = None) -> bool:
+        """Deletes one object (in the background); False when it did not exist."""
+        try:
+            self._call("DELETE", self._path(kind, namespace, name))
+        except ApiException as err:
+            if err.status == 404:
+                return False
+            raise
+        return True
+
     # ---- events ----------------------------------------------------------------------------
     def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """A core/v1 Event about ``obj``. Failure to post is logged, never raised."""

@@ -14,6 +14,11 @@ LABEL_TRIGGER = f"{GROUP}/trigger"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 
+# Holds every LearnerNamespace until a listed guardian approved and deletionDelay has passed.
+GUARDIAN_FINALIZER = f"{GROUP}/guardian"
+# Set by a guardian, to their own username (an admission policy checks both).
+APPROVAL_ANNOTATION = f"{GROUP}/deletion-approved-by"
+
 MERGE_SERVICE_ACCOUNT = "privatefm-merge"
 # A run's store credentials: a Secret owned by its Job. A scheduled run's pod template is fixed by
 # the CronJob, so its Secret name is too (concurrencyPolicy Forbid: one scheduled run at a time);

@@ -122,6 +122,29 @@ class Storage:
                     log.warning("unreadable event record %s", info.name)
         return (max(versions) if versions else None), records
 
+    def delete_learner(self, ns_uid: str, model: str) -> tuple[int, int]:
+        """Deletes everything under ``learners/<nsUid>/`` and aborts its unfinished uploads;
+        returns (objects, bytes) removed. Never anything outside that prefix."""
+        learner = self._at(layout.learner_prefix(ns_uid))
+        files = learner.list_files()
+        # Unfinished uploads are listed by exact key on some stores (MinIO): a checkpoint's shards
+        # have its base's file names, so those names are tried in every version directory.
+        shard_names = {name for v in self._base_versions(model) for name in self.base_files(model, v)}
+        candidates = [f"checkpoints/{d}/{n}" for d in learner.list_dirs("checkpoints") for n in shard_names]
+        learner.delete_prefix()
+        learner.abort_uploads("", candidates)
+        return len(files), sum(f.size for f in files)
+
+    def _base_versions(self, model: str) -> list[int]:
+        return [int(m.group(1)) for d in self.root.list_dirs(f"{layout.BASE_ROOT}/{model}")
+                if (m := _VERSION_DIR.match(d)) and self.base_exists(model, int(m.group(1)))]
+
+    def write_audit(self, ns_uid: str, name: str, record: dict[str, Any]) -> str:
+        """An audit record under ``audit/<nsUid>/``, outside the learner's prefix so it outlives it."""
+        key = f"audit/{ns_uid}/{name}.json"
+        self.root.put_bytes(key, json.dumps(record, sort_keys=True, indent=2).encode())
+        return self.uri(key)
+
     def verify(self, key_prefix: str) -> VerifyReport:
         """Rehash the checkpoint at ``key_prefix`` against its manifest."""
         return verify_checkpoint(self.uri(key_prefix), store=self._at(key_prefix))

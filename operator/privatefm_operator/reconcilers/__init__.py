@@ -1,6 +1,7 @@
-"""One reconciler per resource: ``learner`` (LearnerNamespace), ``merge`` (AdapterMerge) and
-``jobs`` (the merge Jobs' events). Each reconcile is an ordered list of phases over a scope object,
-ending in one status write; decisions are the pure functions in ``decisions``."""
+"""One reconciler per resource: ``learner`` (LearnerNamespace), ``deletion`` (a LearnerNamespace
+being deleted), ``merge`` (AdapterMerge) and ``jobs`` (the merge Jobs' events). Each reconcile is
+an ordered list of phases over a scope object, ending in one status write; decisions are the pure
+functions in ``decisions``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 
 from privatefm_operator.kube import Kube
 from privatefm_operator.reconcilers.base import Clients
+from privatefm_operator.reconcilers.deletion import DeletionReconciler
 from privatefm_operator.reconcilers.jobs import JobEvents
 from privatefm_operator.reconcilers.learner import LearnerReconciler
 from privatefm_operator.reconcilers.merge import MergeReconciler
@@ -20,6 +22,7 @@ class Reconcilers:
     learners: LearnerReconciler
     merges: MergeReconciler
     jobs: JobEvents
+    deletions: DeletionReconciler
 
 
 def build(settings: Settings) -> Reconcilers:
@@ -28,4 +31,4 @@ def build(settings: Settings) -> Reconcilers:
     learners = LearnerReconciler(clients)
     merges = MergeReconciler(clients, learners)
     learners.merges = merges
-    return Reconcilers(learners, merges, JobEvents(clients, merges))
+    return Reconcilers(learners, merges, JobEvents(clients, merges), DeletionReconciler(clients))

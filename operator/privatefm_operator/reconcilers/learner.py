@@ -1,6 +1,7 @@
 """LearnerNamespace: keep the learner's namespace and its children true, and report what is.
 
-    reconcile = read_spec → provision → observe_base → write status (once) → announce
+    reconcile = read_spec → hold → provision → observe_base → recover_history → write status (once)
+                → announce
 
 A spec the API server refuses (say, an unknown time zone for the CronJob) ends the reconcile as
 Stalled/InvalidSpec with the server's message and a Warning Event, and is not tried again until
@@ -112,7 +113,7 @@ class LearnerReconciler:
             self._known.add(name)
             metrics.LEARNER_NAMESPACES.set(len(self._known))
             scope = LearnerScope(lns)
-            for phase in (self.read_spec, self.provision, self.observe_base, self.recover_history):
+            for phase in (self.read_spec, self.hold, self.provision, self.observe_base, self.recover_history):
                 step = phase(scope)
                 if step is Step.SKIP:
                     return scope.learner
@@ -150,6 +151,17 @@ class LearnerReconciler:
         metrics.UNTRUSTED.labels(kind=obj.kind, reason=reason).inc()
         self.clients.kube.event(obj.ref(), "Warning", reason, message)
         log.warning("untrusted %s: %s", reason, message, extra={"fields": {"object": obj.name}})
+
+    def hold(self, scope: LearnerScope) -> Step:
+        """Every learner carries the guardian finalizer: a delete only marks it for a guardian's approval."""
+        assert isinstance(scope.lns, LearnerNamespace)
+        finalizers = scope.lns.metadata.get("finalizers") or []
+        if naming.GUARDIAN_FINALIZER not in finalizers:
+            body = self.clients.kube.patch("LearnerNamespace", scope.lns.name, {"metadata": {
+                "finalizers": [*finalizers, naming.GUARDIAN_FINALIZER],
+                "resourceVersion": scope.lns.metadata["resourceVersion"]}})
+            scope.lns = parse(LearnerNamespace, body)
+        return Step.CONTINUE
 
     def _invalid(self, scope: LearnerScope, problem: str) -> Step:
         scope.spec_problem = problem
