@@ -17,6 +17,7 @@ from privatefm_operator.api import (
     MergePhase,
     MergeTrigger,
 )
+from privatefm_operator.reconcilers.base import merge_patch
 from privatefm_operator.settings import Settings
 
 
@@ -395,3 +396,16 @@ def test_job_parameters_reach_the_merge_contract_through_the_downward_api() -> N
     env["PRIVATEFM_DEVICE"] = "cpu"
     assert MergeJob.from_env(env) == job
     assert env["PRIVATEFM_RESULT_PATH"] == spec["template"]["spec"]["containers"][0]["terminationMessagePath"]
+
+
+@pytest.mark.parametrize(("old", "new", "patch"), [
+    ({"a": 1, "b": 2}, {"a": 1, "b": 3}, {"b": 3}),
+    ({"a": 1, "b": 2}, {"a": 1}, {"b": None}),                                 # a cleared field is sent as null
+    ({"d": {"x": 1, "y": 2}}, {"d": {"x": 1}}, {"d": {"y": None}}),
+    ({"d": {"x": 1}}, {"d": {"x": 1}, "e": [1]}, {"e": [1]}),
+    ({"l": [1, 2]}, {"l": [2]}, {"l": [2]}),                                    # lists are replaced whole
+    ({}, {}, {}),
+])
+def test_status_writes_are_merge_patches_that_clear_what_is_gone(old: dict[str, Any], new: dict[str, Any],
+                                                                 patch: dict[str, Any]) -> None:
+    assert merge_patch(old, new) == patch

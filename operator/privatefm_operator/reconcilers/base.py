@@ -108,8 +108,23 @@ def write_status(kube: Kube, kind: str, metadata: Mapping[str, Any], old: Status
     if new == old:
         return None
     return kube.patch(kind, metadata["name"], {"metadata": {"resourceVersion": metadata["resourceVersion"]},
-                                               "status": new.wire()},
+                                               "status": merge_patch(old.wire() if old else {}, new.wire())},
                       metadata.get("namespace"), subresource="status")
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns ``old`` into ``new``: changed keys, and null for
+    each key ``new`` no longer has (a cleared field must be sent as null, or it stays)."""
+    patch: dict[str, Any] = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            nested = merge_patch(before, value)
+            if nested:
+                patch[key] = nested
+        elif value != before:
+            patch[key] = value
+    return patch
 
 
 class Locks:
