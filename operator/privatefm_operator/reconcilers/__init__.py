@@ -31,4 +31,4 @@ def build(settings: Settings) -> Reconcilers:
     learners = LearnerReconciler(clients)
     merges = MergeReconciler(clients, learners)
     learners.merges = merges
-    return Reconcilers(learners, merges, JobEvents(clients, merges), DeletionReconciler(clients))
+    return Reconcilers(learners, merges, JobEvents(clients, merges), DeletionReconciler(clients, learners))

@@ -32,7 +32,7 @@ from privatefm_operator.reconcilers.base import (
     status_of,
     write_status,
 )
-from privatefm_operator.reconcilers.learner import learner_of
+from privatefm_operator.reconcilers.learner import LearnerReconciler, learner_of
 
 log = logging.getLogger("privatefm.operator")
 NAMESPACE_POLL_SECONDS = 2.0
@@ -48,12 +48,14 @@ class DeletionScope:
 
 
 class DeletionReconciler:
-    def __init__(self, clients: Clients) -> None:
+    def __init__(self, clients: Clients, learners: LearnerReconciler) -> None:
         self.clients = clients
+        self.learners = learners  # its count of managed learners includes those being deleted
         self._locks = Locks()
 
     def reconcile(self, lns: LearnerNamespace | Invalid) -> float | None:
         """Returns the seconds until it wants to look again, or None when the learner is gone."""
+        self.learners.track(lns.metadata["name"])
         if isinstance(lns, Invalid):  # nothing to go by (no learnerId): hold it, loudly
             log.warning("LearnerNamespace %s is being deleted but does not parse: %s", lns.metadata["name"],
                         lns.error)

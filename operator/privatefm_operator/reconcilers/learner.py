@@ -107,11 +107,10 @@ class LearnerReconciler:
 
     def reconcile_only(self, lns: LearnerNamespace | Invalid) -> Learner | None:
         name = lns.metadata["name"]
+        self.track(name)
         if lns.metadata.get("deletionTimestamp"):
             return None
         with self._locks(None, name):
-            self._known.add(name)
-            metrics.LEARNER_NAMESPACES.set(len(self._known))
             scope = LearnerScope(lns)
             for phase in (self.read_spec, self.hold, self.provision, self.observe_base, self.recover_history):
                 step = phase(scope)
@@ -129,6 +128,12 @@ class LearnerReconciler:
         body = self.clients.kube.get("LearnerNamespace", name)
         if body is not None:
             self.reconcile_only(parse(LearnerNamespace, body))
+
+    def track(self, name: str) -> None:
+        """A LearnerNamespace this operator manages (until its deletion completes)."""
+        if name not in self._known:
+            self._known.add(name)
+            metrics.LEARNER_NAMESPACES.set(len(self._known))
 
     def forget(self, name: str) -> None:
         self._known.discard(name)
