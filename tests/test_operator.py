@@ -8,6 +8,7 @@ image's real CLI, so each successful merge here is a real LoRA merge into a real
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import os
 import signal
@@ -59,6 +60,7 @@ def operator_kubeconfig(kube: Kube) -> Path:
     kube.kubectl("wait", "--for=delete", "namespace/privatefm-system", "--timeout=90s", check=False)
     kube.kubectl("apply", "-f", str(REPO / "manifests" / "namespace.yaml"))
     kube.kubectl("apply", "-f", str(REPO / "manifests" / "rbac.yaml"))
+    kube.kubectl("apply", "-f", str(REPO / "manifests" / "admission.yaml"))  # the operator runs confined
     kube.kubectl("wait", "--for=condition=Established", "crd/learnernamespaces.privatefm.io",
                  "crd/adaptermerges.privatefm.io", "--timeout=60s")
     # The sample learners' guardian may approve deletions (patch LearnerNamespaces; nothing else).
@@ -821,3 +823,66 @@ def test_operator_restarts_never_delete_early_and_always_finish(kube: Kube, lear
     wait_for(lambda: not get(kube, "lns", learner.name), 90, "the deletion to finish after a restart")
     assert learner_objects(s3, learner.ns_uid) == []
     assert s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=f"audit/{learner.ns_uid}/").get("KeyCount") == 1
+
+
+# ---- 15. a CRD reinstall loses nothing -------------------------------------------------------
+def test_crd_reinstall_with_twenty_learners_keeps_every_learner(kube: Kube, operator: OperatorProcess, s3: S3Info,
+                                                                uid: str) -> None:
+    """The CRDs are deleted (an uninstall, a botched upgrade). With the guardian finalizer the CRD
+    stays Terminating; a cluster admin strips the finalizers (the break-glass path of a stuck
+    uninstall), so every CR vanishes without the operator's deletion flow. Re-applying the CRDs
+    and the same manifests brings every learner back on its old namespace, nsUid and checkpoint,
+    and their isolation never went away."""
+    sample = yaml.safe_load((REPO / "manifests" / "samples" / "learnernamespace-minimal.yaml").read_text())
+    manifests = []
+    for i in range(20):
+        body = copy.deepcopy(sample)
+        body["metadata"]["name"], body["spec"]["learnerId"] = f"fleet-{uid}-{i}", f"f{uid}-{i}"
+        manifests.append(body)
+    fleet = {"apiVersion": "v1", "kind": "List", "items": manifests}
+    kube.kubectl("apply", "-f", "-", input=json.dumps(fleet))
+    names = [m["metadata"]["name"] for m in manifests]
+    kube.kubectl("wait", "--for=condition=Ready", *(f"lns/{n}" for n in names), "--timeout=120s")
+    handles = []
+    for name, body in zip(names, manifests, strict=True):
+        status = get(kube, "lns", name)["status"]
+        handle = LearnerHandle(kube, s3, name, body["spec"]["learnerId"], status["namespace"], status["nsUid"])
+        handle.publish_adapter(1)
+        handle.request_merge("first")
+        handles.append(handle)
+    for handle in handles:
+        assert handle.wait_merge("first", timeout=300)["status"]["phase"] == "Succeeded"
+    before = {h.name: h.status() for h in handles}
+    policies = {h.namespace: get(kube, "networkpolicy", "privatefm-isolation", "-n", h.namespace)["metadata"]["uid"]
+                for h in handles}
+
+    kube.kubectl("delete", "crd", "learnernamespaces.privatefm.io", "adaptermerges.privatefm.io", "--wait=false")
+    time.sleep(3)
+    crd = get(kube, "crd", "learnernamespaces.privatefm.io")
+    assert crd and crd["metadata"].get("deletionTimestamp"), "held Terminating by the guardian finalizers"
+    for name in names:  # break glass
+        kube.kubectl("patch", "lns", name, "--type=merge", "-p", json.dumps({"metadata": {"finalizers": None}}),
+                     check=False)
+    wait_for(lambda: not get(kube, "crd", "learnernamespaces.privatefm.io"), 120, "the CRDs to be gone")
+    for namespace, policy in policies.items():  # nothing cascaded
+        assert get(kube, "networkpolicy", "privatefm-isolation", "-n", namespace)["metadata"]["uid"] == policy
+
+    kube.kubectl("apply", "-k", str(REPO / "crds"))
+    kube.kubectl("wait", "--for=condition=Established", "crd/learnernamespaces.privatefm.io",
+                 "crd/adaptermerges.privatefm.io", "--timeout=60s")
+    kube.kubectl("apply", "-f", "-", input=json.dumps(fleet))
+    kube.kubectl("wait", "--for=condition=Ready", *(f"lns/{n}" for n in names), "--timeout=180s")
+    for handle in handles:
+        after = handle.status()
+        old = before[handle.name]
+        assert (after["namespace"], after["nsUid"]) == (old["namespace"], old["nsUid"])
+        assert after["currentCheckpoint"]["version"] == old["currentCheckpoint"]["version"] == 1
+        assert after["currentCheckpoint"]["manifestSha256"] == old["currentCheckpoint"]["manifestSha256"]
+        assert get(kube, "networkpolicy", "privatefm-isolation", "-n", handle.namespace)["metadata"]["uid"] == \
+            policies[handle.namespace]
+    # The operator kept serving throughout: a new run on a re-adopted learner takes the next version.
+    handles[0].request_merge("second")
+    status = handles[0].wait_merge("second")["status"]
+    assert status["phase"] == "Succeeded" and status["targetVersion"] == 2
+    for handle in handles:
+        handle.delete()
