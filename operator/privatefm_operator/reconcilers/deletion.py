@@ -32,7 +32,7 @@ from privatefm_operator.reconcilers.base import (
     status_of,
     write_status,
 )
-from privatefm_operator.reconcilers.learner import LearnerReconciler, learner_of
+from privatefm_operator.reconcilers.learner import LearnerReconciler, claim_namespace, learner_of
 
 log = logging.getLogger("privatefm.operator")
 NAMESPACE_POLL_SECONDS = 2.0
@@ -90,13 +90,9 @@ class DeletionReconciler:
         facing a foreign namespace) owns nothing: it goes at once, and touches nothing on its way."""
         if scope.deletion.started_at is not None:
             return Step.CONTINUE
-        learner, kube = learner_of(scope.lns), self.clients.kube
-        ns = kube.get("Namespace", learner.namespace)
-        labels = ((ns or {}).get("metadata") or {}).get("labels") if ns else None
-        owner = (labels or {}).get(naming.LABEL_LEARNER)
-        alive = bool(owner and owner != scope.lns.name and kube.get("LearnerNamespace", owner))
-        if decisions.namespace_claim(labels, scope.lns.name, alive) in (decisions.Claim.IN_USE,
-                                                                        decisions.Claim.FOREIGN):
+        learner = learner_of(scope.lns)
+        claim, _ = claim_namespace(self.clients, learner, self.clients.kube.get("Namespace", learner.namespace))
+        if claim in (decisions.Claim.IN_USE, decisions.Claim.FOREIGN):
             scope.after_write.append(lambda: self.release(scope))
             return Step.DONE
         return Step.CONTINUE

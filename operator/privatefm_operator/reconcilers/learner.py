@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kubernetes.client.exceptions import ApiException
 from privatefm_merge import layout
@@ -53,6 +53,17 @@ def learner_of(lns: LearnerNamespace) -> Learner:
     uid = naming.ns_uid(lns.spec.learner_id)
     return Learner(name=lns.name, ns_uid=uid, namespace=naming.namespace_name(lns.spec.learner_id, uid),
                    spec=lns.spec)
+
+
+def claim_namespace(clients: Clients, learner: Learner, namespace: dict[str, Any] | None
+                    ) -> tuple[decisions.Claim, str | None]:
+    """What this learner may do with the (existing, or None) namespace its identity maps to, and
+    the LearnerNamespace that namespace is recorded for."""
+    labels = ((namespace.get("metadata") or {}).get("labels") or {}) if namespace is not None else None
+    owner = (labels or {}).get(naming.LABEL_LEARNER)
+    other = clients.kube.get("LearnerNamespace", owner) if owner and owner != learner.name else None
+    alive = other is not None and not other["metadata"].get("deletionTimestamp")
+    return decisions.namespace_claim(labels, learner.name, alive), owner
 
 
 @dataclass
@@ -181,10 +192,7 @@ class LearnerReconciler:
         existing = kube.get("Namespace", learner.namespace)
         if existing and existing.get("status", {}).get("phase") == "Terminating":
             raise RetryLater(f"namespace {learner.namespace} is terminating", delay=10)
-        labels = (existing or {}).get("metadata", {}).get("labels") or {} if existing else None
-        owner = (labels or {}).get(naming.LABEL_LEARNER)
-        owner_alive = bool(owner and owner != learner.name and self._alive(owner))
-        claim = decisions.namespace_claim(labels, learner.name, owner_alive)
+        claim, owner = claim_namespace(self.clients, learner, existing)
         scope.claim_problem = decisions.claim_failure(claim, learner.namespace, owner)
         if scope.claim_problem is not None:
             return Step.DONE
@@ -217,10 +225,6 @@ class LearnerReconciler:
             return Step.CONTINUE
         scope.history = decisions.History(highest, tuple(merges))
         return Step.CONTINUE
-
-    def _alive(self, name: str) -> bool:
-        body = self.clients.kube.get("LearnerNamespace", name)
-        return body is not None and not body["metadata"].get("deletionTimestamp")
 
     def observe_base(self, scope: LearnerScope) -> Step:
         learner, storage = scope.learner, self.clients.storage
