@@ -1,10 +1,13 @@
 """The store authorization matrix: every allow and deny of each store identity, on a real MinIO.
 
 A merge run gets temporary credentials from STS AssumeRole, limited by the session policy from
-``privatefm_operator.store_policy``. MinIO grants such a session the intersection of that policy
+``privatefm_operator.store_policy`` and minted by the operator's own code
+(``Storage.mint_run_credentials``). MinIO grants such a session the intersection of that policy
 and the operator user's own, as AWS does. Each row below makes one real S3 (or STS, or admin)
 call with one identity and asserts it is allowed or denied. A real merge run with nothing but
-the session credentials shows the policy is not too tight.
+the session credentials shows the policy is not too tight. The session's expiry is checked last
+in the pytest session (the ``privatefm_testing.expiry`` plugin), since STS mints nothing shorter
+than 15 minutes.
 
 Needs the pinned ``minio`` build (``scripts/build-tools.sh``), not the Kubernetes cluster.
 """
@@ -18,16 +21,19 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from botocore.exceptions import ClientError
 from privatefm_merge import layout
 from privatefm_merge.store import MiB, S3Store
+from privatefm_operator.settings import Settings
+from privatefm_operator.storage import CredentialsDenied, Storage
 from privatefm_operator.store_policy import (
     MAX_SESSION_POLICY_BYTES,
     STS_MAX_DURATION_SECONDS,
     STS_MIN_DURATION_SECONDS,
+    Policy,
     merge_session_policy,
     operator_policy,
     publisher_policy,
@@ -38,6 +44,12 @@ from privatefm_operator.store_policy import (
 from privatefm_testing.cluster import pid_alive
 from privatefm_testing.minio import Credentials, MinioServer
 from privatefm_testing.seed import BASE_MODEL, publish_adapter, publish_base
+
+if TYPE_CHECKING:  # the plugin module is imported by pytest_plugins (below), and only there
+    from privatefm_testing.expiry import ExpiringMergeSession
+
+# Mints a merge session before the first test and runs test_merge_session_expires last.
+pytest_plugins = ["privatefm_testing.expiry"]
 
 BUCKET = "privatefm"
 A = "3f1c2a9e-7b44-4d0e-9a51-5c6d7e8f9a0b"   # learner A (namespace UIDs look like this)
@@ -112,6 +124,23 @@ class Identities:
         return value
 
 
+def operator_storage(operator: Credentials, **settings: Any) -> Storage:
+    """The operator's own store client, configured (as its Deployment would be) with its user's keys."""
+    return Storage(Settings(s3_endpoint=operator.endpoint, s3_bucket=BUCKET, s3_region=operator.region,
+                            s3_access_key=operator.access_key, s3_secret_key=operator.secret_key, **settings))
+
+
+def mint(operator: Credentials, policy: Policy, session_name: str, duration_seconds: int | None = None) -> Credentials:
+    """A run's session, minted the way the operator mints it (``Storage.mint_run_credentials``); by
+    default for as long as the merge reconciler asks (its deadline plus the margin)."""
+    storage = operator_storage(operator, store_credentials="sts")
+    if duration_seconds is None:
+        duration_seconds = session_duration_seconds(storage.settings.merge_deadline_seconds)
+    issued = storage.mint_run_credentials(policy, duration_seconds, session_name=session_name)
+    assert issued.session_token is not None and issued.expires_at is not None, repr(issued)
+    return Credentials(operator.endpoint, issued.access_key, issued.secret_key, issued.session_token, operator.region)
+
+
 def _put_all(client: Any, keys: list[str]) -> None:
     for key in keys:
         client.put_object(Bucket=BUCKET, Key=key, Body=json.dumps({"key": key}).encode())
@@ -135,8 +164,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Identities]:
             f"{B_ADAPTER}/adapter_config.json", f"{layout.checkpoint_prefix(B, 1)}/manifest.json",
             f"{layout.adapter_prefix(A_EXT, 1)}/adapter_config.json", f"audit/{A}.json",
         ])
-        merge = operator.assume_role(session_policy_json(merge_session_policy(BUCKET, BASE, A_ADAPTERS, A_TARGET)))
-        verify = operator.assume_role(session_policy_json(verify_session_policy(BUCKET, A_PREVIOUS)))
+        # As the merge reconciler (hand_credentials) mints a run's session.
+        merge = mint(operator, merge_session_policy(BUCKET, BASE, A_ADAPTERS, A_TARGET), f"{A}-v{TARGET}")
+        verify = mint(operator, verify_session_policy(BUCKET, A_PREVIOUS), f"{A}-verify-v1", STS_MIN_DURATION_SECONDS)
         yield Identities(server, root, operator, publisher, merge, verify)
     finally:
         pid = server.pid
@@ -398,6 +428,33 @@ def test_sts_duration_bounds(store: Identities, seconds: int, accepted: bool) ->
             store.operator.assume_role(policy, duration_seconds=seconds, validate=False)
 
 
+def test_shared_insecure_mode_hands_out_the_operators_own_keys(store: Identities) -> None:
+    """The documented insecure mode (stores without STS): no session, no scope, the operator's rights."""
+    issued = operator_storage(store.operator, store_credentials="shared-insecure").mint_run_credentials(
+        merge_session_policy(BUCKET, BASE, A_ADAPTERS, A_TARGET), STS_MIN_DURATION_SECONDS, session_name=f"{A}-v9")
+    assert (issued.access_key, issued.secret_key) == (store.operator.access_key, store.operator.secret_key)
+    assert issued.session_token is None and issued.expires_at is None
+    shared = Credentials(store.operator.endpoint, issued.access_key, issued.secret_key, issued.session_token)
+    assert attempt(get(f"{B_ADAPTER}/adapter_config.json"), shared) == "allowed"  # what "insecure" means
+
+
+@pytest.mark.parametrize("wrong", ["secret key", "access key"])
+def test_refused_assume_role_is_credentials_denied(store: Identities, wrong: str) -> None:
+    """STS refusing the operator (MinIO: 403 AccessDenied) is CredentialsDenied, which fails the run
+    (a configuration problem), not a StorageError, which the reconciler would retry."""
+    keys = {"s3_access_key": store.operator.access_key, "s3_secret_key": store.operator.secret_key}
+    field = "s3_secret_key" if wrong == "secret key" else "s3_access_key"
+    keys[field] = "wrong-" + keys[field]
+    storage = Storage(Settings(s3_endpoint=store.server.endpoint, s3_bucket=BUCKET, store_credentials="sts", **keys))
+    with pytest.raises(CredentialsDenied, match="refused") as refused:
+        storage.mint_run_credentials(merge_session_policy(BUCKET, BASE, A_ADAPTERS, A_TARGET),
+                                     STS_MIN_DURATION_SECONDS, session_name=f"{A}-v{TARGET}")
+    cause = refused.value.__cause__
+    assert isinstance(cause, ClientError)
+    assert cause.response["Error"]["Code"] == "AccessDenied"
+    assert cause.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+
 def test_session_policy_cannot_widen_the_operators_own(store: Identities) -> None:
     """A session policy that allows everything still cannot write base/: the intersection rule."""
     everything = json.dumps({"Version": "2012-10-17", "Statement": [
@@ -418,9 +475,8 @@ def _only(credentials: Credentials, home: Path) -> dict[str, str]:
 
 def test_merge_runs_with_only_its_session_credentials(store: Identities, tmp_path: Path) -> None:
     target = layout.checkpoint_prefix(A, 5)
-    session = store.operator.assume_role(session_policy_json(
-        merge_session_policy(BUCKET, BASE, A_ADAPTERS, target)),
-        duration_seconds=session_duration_seconds(600))
+    session = mint(store.operator, merge_session_policy(BUCKET, BASE, A_ADAPTERS, target), f"{A}-v5",
+                   session_duration_seconds(600))
     merged = subprocess.run(
         [CLI, "merge", "--base", layout.s3_uri(BUCKET, BASE), "--adapter", layout.s3_uri(BUCKET, A_ADAPTER),
          "--output", layout.s3_uri(BUCKET, target), "--version", "5", "--parent-version", "1",
@@ -436,7 +492,7 @@ def test_merge_runs_with_only_its_session_credentials(store: Identities, tmp_pat
         env=_only(session, tmp_path), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
 
-    reader = store.operator.assume_role(session_policy_json(verify_session_policy(BUCKET, target)))
+    reader = mint(store.operator, verify_session_policy(BUCKET, target), f"{A}-verify-v5", STS_MIN_DURATION_SECONDS)
     verified = subprocess.run([CLI, "verify", layout.s3_uri(BUCKET, target)], env=_only(reader, tmp_path),
                               capture_output=True, text=True, timeout=120)
     assert verified.returncode == 0, verified.stdout + verified.stderr
@@ -471,3 +527,35 @@ def test_engine_multipart_writer_with_session_credentials(store: Identities) -> 
     outside = S3Store(session, BUCKET, layout.checkpoint_prefix(A, 3), part_size=5 * MiB)
     with pytest.raises(StorageError, match="AccessDenied"), outside.open_write("big.bin") as writer:
         writer.write(b"\1" * (6 * MiB))
+
+
+# ---------------------------------------------------------------------------------------------
+# Expiry: checked last in the pytest session
+
+
+EXPIRY_MARGIN_SECONDS = 3          # past the Expiration STS answered, on the same clock as the server
+# What MinIO answers (403) once a session has expired: it forgets the temporary access key (it never
+# says ExpiredToken), from the second STS named as its Expiration on; HEAD gets a bare 403.
+DENIED_AFTER_EXPIRY = "InvalidAccessKeyId"
+
+
+@pytest.mark.slow
+def test_merge_session_expires(expiring_merge_session: ExpiringMergeSession) -> None:
+    """A run's credentials stop working when STS said they would, and live as long as asked.
+
+    STS mints nothing shorter than 900 s, and MinIO has no setting to shorten it, so this test
+    cannot help outliving a 15-minute session. The ``privatefm_testing.expiry`` plugin mints it
+    (with ``Storage.mint_run_credentials``, on its own MinIO) right after collection and reads an
+    allowed object with it at once; requesting its fixture runs this test last in the session,
+    so it waits only for what is left of the 900 s once everything else has run (alone: all of it).
+    """
+    session = expiring_merge_session
+    assert session.first_read == "allowed", "the session could not read its own base version right after minting"
+    lifetime = (session.expires_at - session.minted_at).total_seconds()
+    assert abs(lifetime - session.asked_seconds) <= 5, (lifetime, session.asked_seconds)
+    if session.seconds_left() > 2 * EXPIRY_MARGIN_SECONDS:  # still good: the denial below is the clock's doing
+        assert session.read() == "allowed"
+    waited = session.wait_past_expiry(EXPIRY_MARGIN_SECONDS)
+    print(f"waited {waited:.1f} s for the {session.asked_seconds} s session to expire")
+    session.code_after_expiry = session.read()
+    assert session.code_after_expiry == DENIED_AFTER_EXPIRY
