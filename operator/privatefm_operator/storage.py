@@ -172,7 +172,7 @@ class Storage:
         settings = self.settings
         if not self.scoped:
             return RunCredentials(settings.s3_access_key, settings.s3_secret_key, None, None)
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
         kwargs: dict[str, Any] = {
             "RoleArn": settings.store_role_arn, "RoleSessionName": session_name[:64],
@@ -184,6 +184,8 @@ class Storage:
         except ClientError as err:
             raise CredentialsDenied(f"STS AssumeRole of {settings.store_role_arn} refused: "
                                     f"{err.response.get('Error', {}).get('Message', err)}") from err
+        except ParamValidationError as err:  # a request that can never succeed: not an outage
+            raise CredentialsDenied(f"STS AssumeRole request is invalid: {err}") from err
         except BotoCoreError as err:
             raise StorageError(f"STS unreachable: {err}") from err
         return RunCredentials(issued["AccessKeyId"], issued["SecretAccessKey"], issued["SessionToken"],
