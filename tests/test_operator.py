@@ -860,9 +860,9 @@ def test_crd_reinstall_with_twenty_learners_keeps_every_learner(kube: Kube, oper
     time.sleep(3)
     crd = get(kube, "crd", "learnernamespaces.privatefm.io")
     assert crd and crd["metadata"].get("deletionTimestamp"), "held Terminating by the guardian finalizers"
-    for name in names:  # break glass
-        kube.kubectl("patch", "lns", name, "--type=merge", "-p", json.dumps({"metadata": {"finalizers": None}}),
-                     check=False)
+    for item in get(kube, "lns").get("items", []):  # break glass, for every learner still held
+        kube.kubectl("patch", "lns", item["metadata"]["name"], "--type=merge", "-p",
+                     json.dumps({"metadata": {"finalizers": None}}), check=False)
     wait_for(lambda: not get(kube, "crd", "learnernamespaces.privatefm.io"), 120, "the CRDs to be gone")
     for namespace, policy in policies.items():  # nothing cascaded
         assert get(kube, "networkpolicy", "privatefm-isolation", "-n", namespace)["metadata"]["uid"] == policy
