@@ -140,6 +140,8 @@ def test_learner_status(observed: decisions.LearnerFacts, current: Checkpoint | 
     assert conds["Reconciling"] == ("False", "Idle") and conds["Degraded"][0] == degraded
     assert all(c.observed_generation == 2 for c in new.conditions)
     assert (new.ns_uid, new.namespace, new.base_model_latest_version) == ("abc", "lrn-x-abc", observed.latest_base)
+    kept = decisions.learner_status(observed, old.model_copy(update={"ns_uid": "recorded"}))
+    assert kept.ns_uid == "recorded"  # immutable once set: never rewritten
     # What other writers own is carried over untouched.
     assert new.current_checkpoint == current and new.last_assigned_version == 7
 

@@ -677,8 +677,7 @@ def test_status_forgery_is_refused_or_ignored(kube: Kube, learner: LearnerHandle
     if forged.returncode == 0:
         wait_for(lambda: (c := condition(learner.status(), "CheckpointTrusted")).get("status") == "False" and c,
                  20, "the fake checkpoint to be flagged")
-        wait_for(lambda: learner.status().get("nsUid") == learner.ns_uid, 20, "nsUid to be corrected")
-        assert learner.events("NsUidMismatch")
+        wait_for(lambda: learner.events("NsUidMismatch"), 20, "a Warning about the foreign nsUid")
     else:
         assert "denied" in forged.stderr or "forbidden" in forged.stderr.lower(), forged.stderr
     learner.request_merge("after-forgery")

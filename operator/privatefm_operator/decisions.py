@@ -188,7 +188,9 @@ def learner_status(facts: LearnerFacts, old: LearnerNamespaceStatus) -> LearnerN
     """
     gen, at = facts.generation, facts.now
     old = recovered(old, facts.history, facts.checkpoints_uri)
-    known = {"ns_uid": facts.ns_uid, "namespace": facts.namespace} if facts.namespace else {}
+    # status.nsUid is immutable once set (an admission policy holds it): a differing old value stays
+    # for people to see, and the operator goes by the identity it derives.
+    known = {"ns_uid": old.ns_uid or facts.ns_uid, "namespace": facts.namespace} if facts.namespace else {}
     stall = Failure("InvalidSpec", facts.spec_problem) if facts.spec_problem else facts.claim_problem
     if stall is not None:
         return old.model_copy(update={**known, "phase": LearnerPhase.FAILED, "conditions": conditions.merge(

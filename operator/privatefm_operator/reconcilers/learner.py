@@ -108,6 +108,7 @@ class LearnerReconciler:
         self.merges: MergeReconciler | None = None  # set once both exist (they refer to each other)
         self._locks = Locks()
         self._known: set[str] = set()
+        self._warned: set[str] = set()
 
     # ---- entry points ------------------------------------------------------------------------
     def reconcile(self, lns: LearnerNamespace | Invalid) -> None:
@@ -158,9 +159,10 @@ class LearnerReconciler:
         status = status_of(scope.lns, LearnerNamespaceStatus)
         if decisions.skip_invalid_spec(status, scope.lns.generation):
             return Step.SKIP
-        if status.ns_uid and status.ns_uid != scope.learner.ns_uid:  # not ours: someone wrote it
+        if status.ns_uid and status.ns_uid != scope.learner.ns_uid and scope.lns.name not in self._warned:
+            self._warned.add(scope.lns.name)  # once per learner: it cannot change (status.nsUid is immutable)
             self._distrust(scope.lns, "NsUidMismatch", f"status.nsUid {status.ns_uid!r} is not the learner's "
-                           f"({scope.learner.ns_uid}); it is ignored and will be corrected")
+                           f"({scope.learner.ns_uid}); the operator ignores it")
         return Step.CONTINUE
 
     def _distrust(self, obj: LearnerNamespace, reason: str, message: str) -> None:
