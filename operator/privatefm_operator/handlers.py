@@ -15,7 +15,7 @@ from typing import Any
 
 import kopf
 
-from privatefm_operator import metrics, naming, reconcilers
+from privatefm_operator import logs, metrics, naming, reconcilers
 from privatefm_operator.api import GROUP, VERSION, AdapterMerge, LearnerNamespace, MergeTrigger
 from privatefm_operator.reconcilers.base import RetryLater, parse
 from privatefm_operator.settings import Settings
@@ -72,7 +72,7 @@ def learner_deleting(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> N
     def go() -> None:
         delay = memo.reconcilers.deletions.reconcile(parse(LearnerNamespace, body))
         if delay is not None:
-            raise RetryLater("deletion is held: see status.deletion", delay=delay)
+            raise RetryLater(f"{logs.HELD}: see status.deletion", delay=delay)
         memo.reconcilers.learners.forget(name)
     _retrying(go)
 

@@ -6,6 +6,19 @@ import logging
 
 from privatefm_merge.jsonlog import JsonFormatter
 
+HELD = "deletion is held"  # the message the deletion handler retries with (handlers.learner_deleting)
+
+
+class HeldDeletionIsNoError(logging.Filter):
+    """kopf logs each retry of a handler that raised TemporaryError as an error, and posts it as a
+    Warning Event. A deletion waiting for its guardian and its delay is the design working, so that
+    one is logged at INFO (and so never posted); every other failure stays as it is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO and HELD in record.getMessage():
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
 
 def configure(level: int = logging.INFO) -> None:
     handler = logging.StreamHandler()
@@ -13,5 +26,6 @@ def configure(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.getLogger("kopf.objects").addFilter(HeldDeletionIsNoError())
     for noisy in ("urllib3", "botocore", "boto3", "kubernetes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
