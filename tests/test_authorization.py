@@ -42,7 +42,13 @@ OPERATOR = "system:serviceaccount:privatefm-system:privatefm-operator"
 SA_GROUPS = ("system:serviceaccounts", "system:authenticated")
 MANAGED = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
 POLICIES = ("privatefm-operator-confinement", "privatefm-operator-status-writers",
-            "privatefm-operator-nsuid-immutable")
+            "privatefm-operator-nsuid-immutable", "privatefm-operator-guardian-approval",
+            "privatefm-operator-namespace-deletion", "privatefm-operator-scheduled-merges")
+PEOPLE_ROLES = ("privatefm-learner", "privatefm-learner-admin", "privatefm-guardian")
+APPROVAL = naming.APPROVAL_ANNOTATION
+FINALIZER = "privatefm.io/guardian"
+GUARDIAN_USER, GUARDIAN_GROUP, GROUP_MEMBER = "parent-of-x", "school-admins", "teacher-1"
+SAMPLE_GUARDIAN = "parent-of-bo"  # manifests/samples/learnernamespace-minimal.yaml
 
 
 # ---- identities ------------------------------------------------------------------------------
@@ -65,6 +71,10 @@ WHO = (
     Who("learner-a", "learner A", "learner-a@learners.test", ("system:authenticated",)),
     Who("learner-b", "learner B", "learner-b@learners.test", ("system:authenticated",)),
     Who("app-admin", "other-app admin", "admin@other-app.test", ("system:authenticated",)),
+    # Both bound to privatefm-guardian; the fixture's learner lists the one as a User guardian, the
+    # other's group as a Group guardian. The "fresh" learner lists neither.
+    Who("guardian-user", "guardian User", GUARDIAN_USER, ("system:authenticated",)),
+    Who("guardian-group", "guardian Group member", GROUP_MEMBER, (GUARDIAN_GROUP, "system:authenticated")),
     Who("cluster-admin", "cluster admin", None),
     Who("anonymous", "anonymous", "system:anonymous", ("system:unauthenticated",)),
 )
@@ -90,6 +100,25 @@ DENIALS: dict[str, tuple[str, str, str]] = {
                "AdapterMerges", "policy: status writer"),
     "nsuid": ("privatefm-operator-nsuid-immutable", "status.nsUid of a LearnerNamespace is immutable once set",
               "policy: nsUid immutable"),
+    "not-guardian": ("privatefm-operator-guardian-approval",
+                     f"only a guardian listed in spec.guardians may set, change or remove {APPROVAL}",
+                     "policy: not a listed guardian"),
+    "not-self": ("privatefm-operator-guardian-approval",
+                 f"{APPROVAL} must name the approving guardian's own username", "policy: approval in another's name"),
+    "guardian-only": ("privatefm-operator-guardian-approval",
+                      f"a guardian may only set or remove {APPROVAL} on a LearnerNamespace",
+                      "policy: guardian changes only the approval"),
+    "finalizer": ("privatefm-operator-guardian-approval",
+                  f"only the privatefm operator ({OPERATOR}) may remove the finalizer {FINALIZER}",
+                  "policy: guardian finalizer"),
+    "preapproved": ("privatefm-operator-guardian-approval",
+                    f"a LearnerNamespace may not be created with {APPROVAL}", "policy: created approved"),
+    "ns-delete": ("privatefm-operator-namespace-deletion",
+                  f"only the privatefm operator ({OPERATOR}) may delete a learner namespace",
+                  "policy: learner namespace deletion"),
+    "scheduled": ("privatefm-operator-scheduled-merges",
+                  f"only the privatefm operator ({OPERATOR}) may create AdapterMerges with spec.trigger Scheduled",
+                  "policy: Scheduled trigger"),
 }
 # Two policies refuse it; the API server reports whichever it evaluated first.
 EITHER_STATUS_OR_NSUID = "status|nsuid"
@@ -105,6 +134,8 @@ APPLY = "?fieldManager=privatefm-operator&force=true"
 AM_PATH = "/apis/privatefm.io/v1alpha1/namespaces/{a}/adaptermerges"
 LNS_PATH = "/apis/privatefm.io/v1alpha1/learnernamespaces"
 OPERATOR_ONLY = ("operator", "operator-admin", "cluster-admin")  # the identities a row's "everyone" means
+GUARDIANS = ("guardian-user", "guardian-group")
+MERGE_PATCH = "application/merge-patch+json"
 
 
 @dataclass(frozen=True)
@@ -160,7 +191,7 @@ MATRIX: tuple[Row, ...] = (
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "lrn-authz-new-{uid}", "labels": MANAGED}},
         "application/apply-patch+yaml", expect=_all(ALLOWED)),
     Row("delete learner A's namespace (after a guardian's approval)", "DELETE", "/api/v1/namespaces/{a}",
-        expect=_all(ALLOWED)),
+        expect={**_all(ALLOWED), "cluster-admin": "ns-delete"}),
     Row("delete other-app's namespace", "DELETE", "/api/v1/namespaces/{app}",
         expect={**_all("ns-unmanaged"), "cluster-admin": ALLOWED}),
     # -- Everything else outside learner namespaces.
@@ -215,12 +246,41 @@ MATRIX: tuple[Row, ...] = (
         {"apiVersion": "privatefm.io/v1alpha1", "kind": "AdapterMerge", "metadata": {"name": "manual-{uid}"},
          "spec": {"trigger": "Manual"}},
         expect=_all(ALLOWED, *OPERATOR_ONLY, "learner-a")),
+    Row("create a Scheduled AdapterMerge in learner A's namespace", "POST", AM_PATH,
+        {"apiVersion": "privatefm.io/v1alpha1", "kind": "AdapterMerge", "metadata": {"name": "sched-{uid}"},
+         "spec": {"trigger": "Scheduled"}},
+        expect={**_all(ALLOWED, "operator", "operator-admin"), **_all("scheduled", "cluster-admin", "learner-a")}),
     Row("list the AdapterMerges in learner A's namespace", "GET", AM_PATH, dry_run=False,
         expect=_all(ALLOWED, *OPERATOR_ONLY, "learner-a")),
     Row("delete an AdapterMerge in learner A's namespace", "DELETE", AM_PATH + "/am-{uid}",
         expect=_all(ALLOWED, "operator-admin", "cluster-admin")),
     Row("create a LearnerNamespace", "POST", LNS_PATH, "{new_lns}",
         expect=_all(ALLOWED, "operator-admin", "cluster-admin")),
+    # -- Guardian-approved deletion: the approval is a listed guardian's, in their own name, and a
+    #    guardian changes nothing else; only the operator removes the finalizer (admins: break-glass).
+    Row("approve a learner's deletion in one's own name", "PATCH", LNS_PATH + "/{lns}",
+        {"metadata": {"annotations": {APPROVAL: "{me}"}}}, MERGE_PATCH,
+        expect={**_all("not-guardian"), **_all(ALLOWED, *GUARDIANS)}),
+    Row("approve a learner's deletion in someone else's name", "PATCH", LNS_PATH + "/{lns}",
+        {"metadata": {"annotations": {APPROVAL: SAMPLE_GUARDIAN}}}, MERGE_PATCH,
+        expect={**_all("not-guardian"), **_all("not-self", *GUARDIANS)}),
+    Row("approve the deletion of a learner that does not list them", "PATCH", LNS_PATH + "/{fresh}",
+        {"metadata": {"annotations": {APPROVAL: "{me}"}}}, MERGE_PATCH,
+        expect=_all("not-guardian", *OPERATOR_ONLY, *GUARDIANS)),
+    Row("revoke an approval on a learner that does not list them", "PATCH", LNS_PATH + "/{approved}",
+        {"metadata": {"annotations": {APPROVAL: None}}}, MERGE_PATCH,
+        expect=_all("not-guardian", *OPERATOR_ONLY, *GUARDIANS)),
+    Row("patch a learner's spec (deletionDelay)", "PATCH", LNS_PATH + "/{lns}",
+        {"spec": {"deletionDelay": "1s"}}, MERGE_PATCH,
+        expect={**_all(ALLOWED), **_all("guardian-only", *GUARDIANS)}),
+    Row("label a learner", "PATCH", LNS_PATH + "/{lns}",
+        {"metadata": {"labels": {"probe": "x"}}}, MERGE_PATCH,
+        expect={**_all(ALLOWED), **_all("guardian-only", *GUARDIANS)}),
+    Row("create a LearnerNamespace already approved", "POST", LNS_PATH, "{preapproved_lns}",
+        expect=_all("preapproved", "operator-admin", "cluster-admin")),
+    Row(f"remove the finalizer {FINALIZER} from a learner", "PATCH", LNS_PATH + "/{lns}",
+        {"metadata": {"finalizers": None}}, MERGE_PATCH,
+        expect={**_all(ALLOWED), **_all("finalizer", *GUARDIANS)}),
 )
 
 
@@ -335,7 +395,8 @@ class Setup:
         path = fill(row.path, self.names)
         if row.dry_run:
             path += ("&" if "?" in path else "?") + "dryRun=All"
-        return self.raw(who, row.method, path, fill(row.body, self.names), row.content_type, self.names)
+        names = {**self.names, "me": who.user or "the-cluster-admin"}
+        return self.raw(who, row.method, path, fill(row.body, names), row.content_type, names)
 
 
 ADMIN = next(w for w in WHO if w.key == "cluster-admin")
@@ -350,10 +411,14 @@ def _apply(kube: Kube, *objs: dict[str, Any]) -> None:
     kube.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objs)}))
 
 
-def _lns(name: str, learner_id: str) -> dict[str, Any]:
+def _lns(name: str, learner_id: str, guarded: bool = False) -> dict[str, Any]:
+    """A sample learner; ``guarded``: with the operator's finalizer, and the test's guardians listed."""
     body = yaml.safe_load((MANIFESTS / "samples" / "learnernamespace-minimal.yaml").read_text())
     body["metadata"] = {"name": name}
     body["spec"]["learnerId"] = learner_id
+    if guarded:
+        body["metadata"]["finalizers"] = [FINALIZER]
+        body["spec"]["guardians"] = [{"kind": "User", "name": GUARDIAN_USER}, {"kind": "Group", "name": GUARDIAN_GROUP}]
     return dict(body)
 
 
@@ -362,15 +427,17 @@ def cluster(kube: Kube) -> Iterator[Setup]:
     uid = f"{time.time_ns() % 0xFFFFFF:06x}"
     names: dict[str, Any] = {
         "uid": uid, "a": f"lrn-authz-a-{uid}", "b": f"lrn-authz-b-{uid}", "app": f"other-app-{uid}",
-        "lns": f"authz-{uid}", "fresh": f"authz-fresh-{uid}",
+        "lns": f"authz-{uid}", "fresh": f"authz-fresh-{uid}", "approved": f"authz-approved-{uid}",
         "lns_uid": naming.ns_uid(f"authz{uid}"), "fresh_uid": naming.ns_uid(f"authzfresh{uid}"),
         "new_lns": _lns(f"authz-new-{uid}", f"authznew{uid}"),
+        "preapproved_lns": {**(pre := _lns(f"authz-pre-{uid}", f"authzpre{uid}")),
+                            "metadata": {**pre["metadata"], "annotations": {APPROVAL: SAMPLE_GUARDIAN}}},
     }
     had = {p: _exists(kube, "validatingadmissionpolicy", p) for p in POLICIES}
-    had_learner_role = _exists(kube, "clusterrole", "privatefm-learner")
+    had_roles = {r: _exists(kube, "clusterrole", r) for r in PEOPLE_ROLES}
     kube.kubectl("apply", "-k", str(REPO / "crds"))
     kube.kubectl("wait", "--for=delete", "namespace/privatefm-system", "--timeout=90s", check=False)
-    for manifest in ("namespace.yaml", "rbac.yaml", "learner-role.yaml", "admission.yaml"):
+    for manifest in ("namespace.yaml", "rbac.yaml", "learner-role.yaml", "people-roles.yaml", "admission.yaml"):
         kube.kubectl("apply", "-f", str(MANIFESTS / manifest))
     kube.kubectl("wait", "--for=condition=Established", "crd/learnernamespaces.privatefm.io",
                  "crd/adaptermerges.privatefm.io", "--timeout=60s")
@@ -394,11 +461,24 @@ def cluster(kube: Kube) -> Iterator[Setup]:
                  "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
                  "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]}
                 for i, (where, role, user) in enumerate(grants)]
+    guardians = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                 "metadata": {"name": f"authz-guardians-{uid}"},
+                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                             "name": "privatefm-guardian"},
+                 "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": GUARDIAN_USER},
+                              {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": GUARDIAN_GROUP},
+                              {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": SAMPLE_GUARDIAN}]}
     _apply(kube, *ns)
-    _apply(kube, *secrets, *bindings, _lns(names["lns"], f"authz{uid}"), _lns(names["fresh"], f"authzfresh{uid}"),
+    _apply(kube, *secrets, *bindings, guardians, _lns(names["lns"], f"authz{uid}", guarded=True),
+           _lns(names["fresh"], f"authzfresh{uid}"), _lns(names["approved"], f"authzapproved{uid}"),
            {"apiVersion": "privatefm.io/v1alpha1", "kind": "AdapterMerge",
             "metadata": {"name": f"am-{uid}", "namespace": names["a"]}, "spec": {"trigger": "Manual"}})
     setup = Setup(kube, Raw(kube.kubeconfig, kube.workdir), names)
+    # A learner the fixture's guardians do not guard, approved by its own (the sample's) guardian.
+    sample_guardian = Who("sample-guardian", "sample guardian", SAMPLE_GUARDIAN, ("system:authenticated",))
+    wait_for(lambda: setup.raw(sample_guardian, "PATCH", LNS_PATH + f"/{names['approved']}",
+                               {"metadata": {"annotations": {APPROVAL: SAMPLE_GUARDIAN}}}, MERGE_PATCH).status == 200,
+             30, "the sample guardian's approval")
 
     # Policies take a moment to be enforced: wait until each one bites.
     unlabelled = next(r for r in MATRIX if r.title.startswith("create a namespace without"))
@@ -414,23 +494,39 @@ def cluster(kube: Kube) -> Iterator[Setup]:
     change = next(r for r in MATRIX if r.title == "change status.nsUid of a LearnerNamespace")
     wait_for(lambda: classify(setup.send(THE_OPERATOR, change), "operator") == "nsuid", 60,
              "the nsUid policy to be enforced")
+    for title, code in (("approve a learner's deletion in one's own name", "not-guardian"),
+                        ("delete learner A's namespace (after a guardian's approval)", "ns-delete"),
+                        ("create a Scheduled AdapterMerge in learner A's namespace", "scheduled")):
+        row = next(r for r in MATRIX if r.title == title)
+        wait_for(lambda row=row, code=code: classify(setup.send(ADMIN, row), "cluster-admin") == code, 60,
+                 f"the policy behind {code} to be enforced")
     try:
         yield setup
     finally:
-        kube.kubectl("delete", "lns", names["lns"], names["fresh"], "--wait=false", "--ignore-not-found",
+        # A cluster admin may strip the guardian finalizer (break-glass); nothing runs to remove it here.
+        kube.kubectl("patch", "lns", names["lns"], "--type=merge", "-p", json.dumps({"metadata": {"finalizers": None}}),
                      check=False)
+        kube.kubectl("delete", "lns", names["lns"], names["fresh"], names["approved"], "--wait=false",
+                     "--ignore-not-found", check=False)
+        kube.kubectl("delete", "clusterrolebinding", f"authz-guardians-{uid}", "--ignore-not-found", check=False)
         for where in ("kube-system", names["app"]):
             kube.kubectl("delete", "secret", f"authz-{uid}", "-n", where, "--ignore-not-found", check=False)
         # A running operator (another module's) would have made namespaces for the two learners.
-        extra = [naming.namespace_name(i, naming.ns_uid(i)) for i in (f"authz{uid}", f"authzfresh{uid}")]
+        extra = [naming.namespace_name(i, naming.ns_uid(i)) for i in (f"authz{uid}", f"authzfresh{uid}",
+                                                                          f"authzapproved{uid}")]
+        # Only the operator deletes a managed namespace (policy namespace-deletion); the harness, a
+        # cluster admin, takes the label off first.
+        for managed in (names["a"], names["b"], *extra):
+            kube.kubectl("label", "namespace", managed, f"{naming.LABEL_MANAGED_BY}-", check=False)
         kube.kubectl("delete", "namespace", names["a"], names["b"], names["app"], *extra, "--wait=false",
                      "--ignore-not-found", check=False)
         for policy in POLICIES:  # leave the cluster as other modules expect it
             if not had[policy]:
                 kube.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", policy,
                              "--ignore-not-found", check=False)
-        if not had_learner_role:
-            kube.kubectl("delete", "clusterrole", "privatefm-learner", "--ignore-not-found", check=False)
+        for role in PEOPLE_ROLES:
+            if not had_roles[role]:
+                kube.kubectl("delete", "clusterrole", role, "--ignore-not-found", check=False)
 
 
 @pytest.mark.cluster
@@ -498,7 +594,8 @@ def _helm(*args: str) -> list[dict[str, Any]]:
 
 def _grants(objs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
     return {(group, resource, verb)
-            for o in objs if o["kind"] == "ClusterRole" and "-learner" not in o["metadata"]["name"]
+            for o in objs if o["kind"] == "ClusterRole"
+            and not o["metadata"]["name"].endswith(("-learner", "-learner-admin", "-guardian"))
             for rule in o["rules"] for group in rule["apiGroups"] for resource in rule["resources"]
             for verb in rule["verbs"]}
 

@@ -80,9 +80,17 @@ def grants(role: dict[str, Any]) -> set[tuple[str, str, str]]:
             for verb in rule.get("verbs", [])}
 
 
+PEOPLE_ROLES = ("learner-admin", "guardian")  # unbound ClusterRoles for people (manifests/people-roles.yaml)
+
+
+def operator_roles(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The operator's own ClusterRoles: the rendered ones, less the unbound roles for people."""
+    return [role for role in of_kind(objs, "ClusterRole") if not role["metadata"]["name"].endswith(PEOPLE_ROLES)]
+
+
 def roles_by_part(objs: list[dict[str, Any]]) -> dict[str, set[tuple[str, str, str]]]:
-    """{"framework": ..., "application": ...} from the rendered ClusterRoles, whatever their prefix."""
-    return {role["metadata"]["name"].rsplit("-", 1)[1]: grants(role) for role in of_kind(objs, "ClusterRole")}
+    """{"framework": ..., "application": ...} from the operator's ClusterRoles, whatever their prefix."""
+    return {role["metadata"]["name"].rsplit("-", 1)[1]: grants(role) for role in operator_roles(objs)}
 
 
 # ---- RBAC ------------------------------------------------------------------------------------
@@ -93,6 +101,11 @@ def test_rbac_grants_no_wildcard(source: str) -> None:
     objs = rendered(source)
     roles = of_kind(objs, "ClusterRole") + of_kind(objs, "Role")
     assert sorted(roles_by_part(objs)) == ["application", "framework"]
+    # The default install also ships the roles for people, unbound.
+    people = {r["metadata"]["name"].removeprefix("privatefm-").removeprefix("operator-")
+              for r in of_kind(objs, "ClusterRole") if r["metadata"]["name"].endswith(PEOPLE_ROLES)}
+    assert people == set(PEOPLE_ROLES)
+    assert len(roles) == 2 + len(PEOPLE_ROLES)
     for role in roles:
         for rule in role["rules"]:
             assert "nonResourceURLs" not in rule, rule
@@ -127,7 +140,7 @@ def test_rbac_covers_every_resource_the_operator_calls() -> None:
 def test_bindings_tie_both_roles_to_the_operator_service_account(source: str) -> None:
     objs = rendered(source)
     account = one(objs, "ServiceAccount")["metadata"]
-    roles = {r["metadata"]["name"] for r in of_kind(objs, "ClusterRole")}
+    roles = {r["metadata"]["name"] for r in operator_roles(objs)}
     bindings = of_kind(objs, "ClusterRoleBinding")
     assert {b["roleRef"]["name"] for b in bindings} == roles
     for binding in bindings:
