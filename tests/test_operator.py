@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 OPERATOR_SA = ("privatefm-system", "privatefm-operator")
 GUARDIAN = "parent-of-bo"  # the guardian of manifests/samples/learnernamespace-minimal.yaml
 APPROVAL = "privatefm.io/deletion-approved-by"
+GUARDIAN_GROUP, GROUP_MEMBER = "school-admins", "teacher-1"
 
 
 def get(kube: Kube, *args: str) -> dict[str, Any]:
@@ -63,16 +64,16 @@ def operator_kubeconfig(kube: Kube) -> Path:
     kube.kubectl("apply", "-f", str(REPO / "manifests" / "admission.yaml"))  # the operator runs confined
     kube.kubectl("wait", "--for=condition=Established", "crd/learnernamespaces.privatefm.io",
                  "crd/adaptermerges.privatefm.io", "--timeout=60s")
-    # The sample learners' guardian may approve deletions (patch LearnerNamespaces; nothing else).
-    guardian_rbac = [
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "test-guardian"},
-         "rules": [{"apiGroups": ["privatefm.io"], "resources": ["learnernamespaces"],
-                    "verbs": ["get", "list", "watch", "patch"]}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-         "metadata": {"name": "test-guardian"},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "test-guardian"},
-         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": GUARDIAN}]}]
-    kube.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": guardian_rbac}))
+    # The shipped guardian role (patch LearnerNamespaces; the guardian-approval policy admits only the
+    # approval), bound to the sample learners' guardian and to a group of guardians.
+    kube.kubectl("apply", "-f", str(REPO / "manifests" / "people-roles.yaml"))
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+               "metadata": {"name": "test-guardians"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                           "name": "privatefm-guardian"},
+               "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": GUARDIAN},
+                            {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": GUARDIAN_GROUP}]}
+    kube.kubectl("apply", "-f", "-", input=json.dumps(binding))
     token = kube.kubectl("create", "token", OPERATOR_SA[1], "-n", OPERATOR_SA[0], "--duration=6h").stdout.strip()
     return token_kubeconfig(kube.kubeconfig, token, kube.workdir / "operator.kubeconfig")
 
@@ -645,6 +646,8 @@ def test_a_namespace_labelled_for_another_learner_gets_nothing(kube: Kube, learn
         assert learner.status().get("lastAssignedVersion") == victim_counter  # no version of the victim spent
         assert untrusted(operator, "AdapterMerge", "NotALearnerNamespace") > before
     finally:
+        # Only the operator deletes a namespace labelled managed-by (policy namespace-deletion).
+        kube.kubectl("label", "namespace", forged, "app.kubernetes.io/managed-by-", check=False)
         kube.kubectl("delete", "namespace", forged, "--wait=false", check=False)
 
 
@@ -785,6 +788,36 @@ def test_deletion_waits_for_a_guardian_and_the_delay_then_removes_everything(
     assert (record["approvedBy"], record["storeObjectsRemoved"]) == (GUARDIAN, len(objects))
     assert record["storeBytesRemoved"] > 0 and record["namespace"] == learner.namespace
     assert learner.events("LearnerDeleted")
+
+
+def test_a_group_guardian_approves_and_a_non_guardian_cannot(kube: Kube, learner: LearnerHandle,
+                                                             s3: S3Info) -> None:
+    """A learner guarded by a group: a member approves in their own name; before the group was listed,
+    the same person (bound to privatefm-guardian) was refused by the guardian-approval policy."""
+    groups = (GUARDIAN_GROUP, "system:authenticated")
+    denied = kube.kubectl("annotate", "--overwrite", "lns", learner.name, f"{APPROVAL}={GROUP_MEMBER}", check=False,
+                          as_user=GROUP_MEMBER, as_groups=groups)
+    assert denied.returncode != 0, denied.stdout
+    assert "ValidatingAdmissionPolicy 'privatefm-operator-guardian-approval'" in denied.stderr, denied.stderr
+    assert (f"only a guardian listed in spec.guardians may set, change or remove {APPROVAL}; {GROUP_MEMBER} "
+            f"is not a guardian of LearnerNamespace {learner.name}") in denied.stderr, denied.stderr
+
+    guardians = [{"kind": "User", "name": GUARDIAN}, {"kind": "Group", "name": GUARDIAN_GROUP}]
+    kube.kubectl("patch", "lns", learner.name, "--type=merge",
+                 "-p", json.dumps({"spec": {"guardians": guardians, "deletionDelay": "3s"}}))
+    objects = learner_objects(s3, learner.ns_uid)
+    kube.kubectl("delete", "lns", learner.name, "--wait=false")
+    wait_for(lambda: learner.status().get("phase") == "AwaitingGuardian", 20, "AwaitingGuardian")
+    kube.kubectl("annotate", "--overwrite", "lns", learner.name, f"{APPROVAL}={GROUP_MEMBER}",
+                 as_user=GROUP_MEMBER, as_groups=groups)
+    wait_for(lambda: not get(kube, "lns", learner.name), 90, "the LearnerNamespace to be gone")
+    assert not get(kube, "namespace", learner.namespace) or \
+        get(kube, "namespace", learner.namespace)["status"]["phase"] == "Terminating"
+    assert learner_objects(s3, learner.ns_uid) == []
+    audits = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=f"audit/{learner.ns_uid}/").get("Contents", [])
+    assert len(audits) == 1
+    record = json.loads(s3.client().get_object(Bucket=s3.bucket, Key=audits[0]["Key"])["Body"].read())
+    assert (record["approvedBy"], record["storeObjectsRemoved"]) == (GROUP_MEMBER, len(objects))
 
 
 def test_revoking_the_approval_stops_the_deletion(kube: Kube, learner: LearnerHandle) -> None:
