@@ -1,7 +1,7 @@
 """The main job, end to end on this machine (``scripts/demo.sh``):
 
 1. start the local control plane (etcd, kube-apiserver, kube-controller-manager) and S3;
-2. install the CRDs and the operator's RBAC; publish a small base model to S3;
+2. install the CRDs, the operator's RBAC and admission policies; publish a small base model to S3;
 3. run the operator (under its ServiceAccount token) and the local pod runner;
 4. apply the sample LearnerNamespace, upload the learner's adapter, request a merge;
 5. show ``kubectl get lns,am -A``: a verified checkpoint v1.
@@ -60,10 +60,10 @@ def run(directory: Path, keep: bool) -> int:
     runner: PodRunner | None = None
     try:
         print(f"    API server {state.server}, S3 {s3.endpoint} (bucket {s3.bucket})")
-        step("installing the CRDs and the operator's namespace and RBAC")
+        step("installing the CRDs, the operator's namespace and RBAC, and the admission policies")
         kubectl("apply", "-k", str(REPO / "crds"), show=True)
         kubectl("apply", "-f", str(REPO / "manifests" / "namespace.yaml"), "-f",
-                str(REPO / "manifests" / "rbac.yaml"), show=True)
+                str(REPO / "manifests" / "rbac.yaml"), "-f", str(REPO / "manifests" / "admission.yaml"), show=True)
         kubectl("wait", "--for=condition=Established", "crd/learnernamespaces.privatefm.io",
                 "crd/adaptermerges.privatefm.io")
 
