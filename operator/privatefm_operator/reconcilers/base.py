@@ -3,6 +3,7 @@ loop, and the one status write."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -12,11 +13,13 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from privatefm_operator import metrics
 from privatefm_operator.api import Resource, Status
 from privatefm_operator.kube import Kube, is_conflict
 from privatefm_operator.settings import Settings
 from privatefm_operator.storage import Storage
 
+log = logging.getLogger("privatefm.operator")
 T = TypeVar("T")
 R = TypeVar("R", bound=Resource)
 S = TypeVar("S", bound=Status)
@@ -125,6 +128,20 @@ def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any
         elif value != before:
             patch[key] = value
     return patch
+
+
+def labels_of(obj: Mapping[str, Any] | None) -> dict[str, str]:
+    """An object's labels ({} for none, or no object)."""
+    return dict(((obj or {}).get("metadata") or {}).get("labels") or {})
+
+
+def distrust(kube: Kube, ref: dict[str, Any], reason: str, message: str) -> None:
+    """Something claims an identity it does not have: ignored, never acted on, and made visible
+    (a Warning Event on it and ``privatefm_untrusted_objects_total``)."""
+    metrics.UNTRUSTED.labels(kind=str(ref.get("kind")), reason=reason).inc()
+    kube.event(ref, "Warning", reason, message)
+    log.warning("untrusted %s %s/%s (%s): %s", ref.get("kind"), ref["metadata"].get("namespace"),
+                ref["metadata"].get("name"), reason, message)
 
 
 class Locks:

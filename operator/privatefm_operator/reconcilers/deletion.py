@@ -27,6 +27,7 @@ from privatefm_operator.reconcilers.base import (
     Locks,
     RetryLater,
     Step,
+    labels_of,
     parse,
     retry_on_conflict,
     status_of,
@@ -131,7 +132,7 @@ class DeletionReconciler:
             return Step.CONTINUE
         learner, kube = learner_of(scope.lns), self.clients.kube
         ns = kube.get("Namespace", learner.namespace)
-        labels = ((ns or {}).get("metadata") or {}).get("labels") or {}
+        labels = labels_of(ns)
         ours = ns is not None and decisions.is_learner_namespace(learner.namespace, labels, learner.namespace,
                                                                   learner.ns_uid) \
             and labels.get(naming.LABEL_LEARNER) == scope.lns.name

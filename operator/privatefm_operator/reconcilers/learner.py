@@ -35,6 +35,8 @@ from privatefm_operator.reconcilers.base import (
     Locks,
     RetryLater,
     Step,
+    distrust,
+    labels_of,
     parse,
     retry_on_conflict,
     status_of,
@@ -59,7 +61,7 @@ def claim_namespace(clients: Clients, learner: Learner, namespace: dict[str, Any
                     ) -> tuple[decisions.Claim, str | None]:
     """What this learner may do with the (existing, or None) namespace its identity maps to, and
     the LearnerNamespace that namespace is recorded for."""
-    labels = ((namespace.get("metadata") or {}).get("labels") or {}) if namespace is not None else None
+    labels = labels_of(namespace) if namespace is not None else None
     owner = (labels or {}).get(naming.LABEL_LEARNER)
     other = clients.kube.get("LearnerNamespace", owner) if owner and owner != learner.name else None
     alive = other is not None and not other["metadata"].get("deletionTimestamp")
@@ -161,14 +163,10 @@ class LearnerReconciler:
             return Step.SKIP
         if status.ns_uid and status.ns_uid != scope.learner.ns_uid and scope.lns.name not in self._warned:
             self._warned.add(scope.lns.name)  # once per learner: it cannot change (status.nsUid is immutable)
-            self._distrust(scope.lns, "NsUidMismatch", f"status.nsUid {status.ns_uid!r} is not the learner's "
-                           f"({scope.learner.ns_uid}); the operator ignores it")
+            distrust(self.clients.kube, scope.lns.ref(), "NsUidMismatch",
+                     f"status.nsUid {status.ns_uid!r} is not the learner's ({scope.learner.ns_uid}); "
+                     "the operator ignores it")
         return Step.CONTINUE
-
-    def _distrust(self, obj: LearnerNamespace, reason: str, message: str) -> None:
-        metrics.UNTRUSTED.labels(kind=obj.kind, reason=reason).inc()
-        self.clients.kube.event(obj.ref(), "Warning", reason, message)
-        log.warning("untrusted %s: %s", reason, message, extra={"fields": {"object": obj.name}})
 
     def hold(self, scope: LearnerScope) -> Step:
         """Every learner carries the guardian finalizer: a delete only marks it for a guardian's approval."""

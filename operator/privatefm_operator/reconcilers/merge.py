@@ -38,6 +38,8 @@ from privatefm_operator.reconcilers.base import (
     RetryLater,
     Stale,
     Step,
+    distrust,
+    labels_of,
     parse,
     retry_on_conflict,
     status_of,
@@ -136,7 +138,7 @@ class MergeReconciler:
     def learner_of_namespace(self, namespace: str) -> tuple[LearnerNamespace | None, str]:
         """(the LearnerNamespace that owns ``namespace``, or None and why not)."""
         ns = self.clients.kube.get("Namespace", namespace)
-        labels = ((ns or {}).get("metadata") or {}).get("labels") or {}
+        labels = labels_of(ns)
         name = labels.get(naming.LABEL_LEARNER)
         body = self.clients.kube.get("LearnerNamespace", name) if name else None
         lns = parse(LearnerNamespace, body) if body is not None else None
@@ -149,11 +151,7 @@ class MergeReconciler:
         return lns, ""
 
     def distrust(self, ref: dict[str, Any], reason: str, message: str) -> None:
-        """Something claims an identity it does not have: ignored, never acted on, and made visible."""
-        metrics.UNTRUSTED.labels(kind=str(ref.get("kind")), reason=reason).inc()
-        self.clients.kube.event(ref, "Warning", reason, f"ignored: {message}")
-        log.warning("ignored %s %s/%s: %s", ref.get("kind"), ref["metadata"].get("namespace"),
-                    ref["metadata"].get("name"), message)
+        distrust(self.clients.kube, ref, reason, f"ignored: {message}")
 
     def plan(self, scope: MergeScope) -> Step:
         """Picks base, adapter and parent, and assigns the next version."""
