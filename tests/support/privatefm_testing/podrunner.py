@@ -164,6 +164,8 @@ class PodRunner:
             env = {k: translate(v, mounts) for k, v in env.items()}
             # The image's PATH is ours, with this interpreter's scripts (privatefm-merge) first.
             env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "/usr/bin:/bin")])
+            if os.environ.get("PYTHONPATH"):  # and so is its Python path (a checkout under test)
+                env["PYTHONPATH"] = os.environ["PYTHONPATH"]
             message_file = Path(translate(container.get("terminationMessagePath", "/dev/termination-log"), mounts))
             command = [*(container.get("command") or []), *(container.get("args") or [])]
             exe = shutil.which(command[0], path=env["PATH"]) if command else None
