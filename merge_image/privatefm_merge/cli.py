@@ -1,6 +1,7 @@
 """``privatefm-merge``: merge, verify, and the merge pod's entry point.
 
-    privatefm-merge [merge] --base <dir|s3://…> --adapter <dir|s3://…> --output <dir|s3://…> [--device …]
+    privatefm-merge [merge] --base <dir|s3://…> --adapter <dir|s3://…> [--adapter …] --output <dir|s3://…>
+                    [--device …]   # --adapter again for each adapter of the log, in fold order
     privatefm-merge verify <dir|s3://…> [--sizes-only] [--json]
     privatefm-merge seal <dir|s3://…> [--version K]   # write manifest.json for e.g. an uploaded base
     privatefm-merge pod     # job from PRIVATEFM_* variables, result JSON to PRIVATEFM_RESULT_PATH
@@ -30,6 +31,7 @@ from privatefm_merge.contract import (
 )
 from privatefm_merge.errors import MergeError, StorageError
 from privatefm_merge.jsonlog import JsonFormatter
+from privatefm_merge.store import DEFAULT_PART_SIZE
 
 log = logging.getLogger("privatefm_merge")
 
@@ -55,17 +57,21 @@ def _event(event: str, fields: dict[str, Any]) -> None:
 
 def run_merge(job: MergeJob, *, part_size: int | None = None) -> MergeResult:
     """Run the operator's merge job and describe the outcome as a ``MergeResult`` (never raises)."""
-    return merge_to_result(job.base_uri, job.adapter_uri, job.output_uri, device=job.device,
+    return merge_to_result(job.base_uri, [a.uri for a in job.adapters], job.output_uri, device=job.device,
                            version=job.target_version, parent_version=job.parent_version,
-                           base_model=job.base_model, base_version=job.base_version, part_size=part_size)
+                           base_model=job.base_model, base_version=job.base_version, part_size=part_size,
+                           adapter_seqs=[a.seq for a in job.adapters])
 
 
-def merge_to_result(base_uri: str, adapter_uri: str, output_uri: str, *, device: str = "auto",
+def merge_to_result(base_uri: str, adapter_uris: Sequence[str], output_uri: str, *, device: str = "auto",
                     version: int | None = None, parent_version: int | None = None,
                     base_model: str | None = None, base_version: int | None = None,
-                    part_size: int | None = None) -> MergeResult:
-    """Merge and report; every failure becomes a ``Failed`` result with a reason."""
+                    part_size: int | None = None, adapter_seqs: Sequence[int] | None = None) -> MergeResult:
+    """Fold the adapters (in order) and report; every failure becomes a ``Failed`` result with a
+    reason. ``adapter_seqs``: their sequence numbers in the learner's log (default: see
+    ``adapter_log.default_seqs``)."""
     started = time.perf_counter()
+    adapter_uris = [adapter_uris] if isinstance(adapter_uris, str) else list(adapter_uris)
 
     def failed(reason: Reason, message: str) -> MergeResult:
         return MergeResult(status="Failed", version=version, output_uri=output_uri, reason=reason.value,
@@ -76,10 +82,10 @@ def merge_to_result(base_uri: str, adapter_uri: str, output_uri: str, *, device:
 
         options = MergeOptions(device=device, version=version, parent_version=parent_version,
                                base_model=base_model, base_version=base_version, progress=_event,
-                               **({"part_size": part_size} if part_size else {}))
-        _event("merge_started", {"base": base_uri, "adapter": adapter_uri, "output": output_uri,
+                               adapter_seqs=adapter_seqs, part_size=part_size or DEFAULT_PART_SIZE)
+        _event("merge_started", {"base": base_uri, "adapters": adapter_uris, "output": output_uri,
                                  "version": version, "device": device})
-        summary = merge_checkpoint(base_uri, adapter_uri, output_uri, options)
+        summary = merge_checkpoint(base_uri, adapter_uris, output_uri, options)
     except MergeError as err:
         log.error("merge_failed", extra={"fields": {"reason": err.reason.value, "message": err.message}})
         return failed(err.reason, err.message)
@@ -95,6 +101,7 @@ def merge_to_result(base_uri: str, adapter_uri: str, output_uri: str, *, device:
     return MergeResult(status="Succeeded", version=version, output_uri=summary.output_uri,
                        manifest_sha256=summary.manifest_sha256, total_bytes=summary.total_bytes,
                        file_count=summary.file_count, duration_seconds=duration,
+                       adapter_seqs=summary.manifest.adapter_seqs,
                        message="already committed by an earlier identical run" if summary.already_committed
                        else f"merged {summary.file_count} files")
 
@@ -177,7 +184,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     merge = sub.add_parser("merge", help="merge an adapter into a base checkpoint (the default command)")
     merge.add_argument("--base", required=True, help="base checkpoint: a directory or s3://bucket/prefix")
-    merge.add_argument("--adapter", required=True, help="PEFT adapter: a directory or s3://bucket/prefix")
+    merge.add_argument("--adapter", required=True, action="append",
+                       help="PEFT adapter: a directory or s3://bucket/prefix; repeat for each adapter to "
+                            "fold, in order (the first may be cumulative, the rest must be incremental)")
     merge.add_argument("--output", required=True, help="new checkpoint: a directory or s3://bucket/prefix")
     merge.add_argument("--device", choices=DEVICES, default="auto")
     merge.add_argument("--version", type=int, default=None, help="version recorded in the manifest")

@@ -7,7 +7,9 @@ Inputs (environment of the ``privatefm-merge pod`` container):
 
 =============================  ==========================================================
 ``PRIVATEFM_BASE_URI``         base checkpoint, ``s3://bucket/prefix`` or a local dir
-``PRIVATEFM_ADAPTER_URI``      PEFT adapter, ``s3://…`` or a local dir
+``PRIVATEFM_ADAPTERS``         the adapters to fold, in fold order: a JSON list of
+                               ``{"seq": 3, "uri": "s3://…"}`` (PEFT adapter dirs, ``s3://…``
+                               or local; at least one). See :mod:`privatefm_merge.adapter_log`.
 ``PRIVATEFM_OUTPUT_URI``       checkpoint to create, ``s3://…`` or a local dir
 ``PRIVATEFM_BASE_MODEL``       base model name
 ``PRIVATEFM_BASE_VERSION``     base model version (int)
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
@@ -35,7 +37,7 @@ from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
 ENV_BASE_URI = "PRIVATEFM_BASE_URI"
-ENV_ADAPTER_URI = "PRIVATEFM_ADAPTER_URI"
+ENV_ADAPTERS = "PRIVATEFM_ADAPTERS"
 ENV_OUTPUT_URI = "PRIVATEFM_OUTPUT_URI"
 ENV_BASE_MODEL = "PRIVATEFM_BASE_MODEL"
 ENV_BASE_VERSION = "PRIVATEFM_BASE_VERSION"
@@ -102,11 +104,47 @@ def _int(env: Mapping[str, str], name: str, *, optional: bool = False) -> int | 
 
 
 @dataclass(frozen=True)
+class AdapterRef:
+    """One adapter of the learner's log: its sequence number and where its PEFT files are."""
+
+    seq: int
+    uri: str
+
+
+def _adapters(env: Mapping[str, str], name: str) -> tuple[AdapterRef, ...]:
+    raw = _required(env, name)
+    example = '[{"seq": 3, "uri": "s3://…"}, …]'
+    try:
+        items = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"environment variable {name} is not JSON ({err}); expected {example}") from None
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"environment variable {name} must be a non-empty JSON list like {example}")
+    refs = []
+    for item in items:
+        seq = item.get("seq") if isinstance(item, dict) else None
+        uri = item.get("uri") if isinstance(item, dict) else None
+        if (not isinstance(seq, int) or isinstance(seq, bool) or seq < 0 or not isinstance(uri, str)
+                or not uri.strip() or set(item) != {"seq", "uri"}):
+            raise ValueError(f"environment variable {name}: each entry must be {{\"seq\": <int >= 0>, "
+                             f"\"uri\": <non-empty string>}}, got {json.dumps(item)[:200]}")
+        refs.append(AdapterRef(seq, uri.strip()))
+    seqs = [r.seq for r in refs]
+    if len(set(seqs)) != len(seqs):
+        raise ValueError(f"environment variable {name}: sequence numbers repeat: {seqs}")
+    return tuple(refs)
+
+
+def adapters_to_env(adapters: Sequence[AdapterRef]) -> str:
+    return json.dumps([{"seq": a.seq, "uri": a.uri} for a in adapters], separators=(",", ":"))
+
+
+@dataclass(frozen=True)
 class MergeJob:
     """One merge, as the operator's Job describes it through the environment."""
 
     base_uri: str
-    adapter_uri: str
+    adapters: tuple[AdapterRef, ...]  # in fold order
     output_uri: str
     base_model: str
     base_version: int
@@ -115,6 +153,9 @@ class MergeJob:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "adapters", tuple(self.adapters))
+        if not self.adapters:
+            raise ValueError(f"{ENV_ADAPTERS} must list at least one adapter")
         if self.device not in DEVICES:
             raise ValueError(f"{ENV_DEVICE} must be one of {', '.join(DEVICES)}, got {self.device!r}")
 
@@ -132,7 +173,7 @@ class MergeJob:
 
         values = {
             "base_uri": attempt(_required, ENV_BASE_URI),
-            "adapter_uri": attempt(_required, ENV_ADAPTER_URI),
+            "adapters": attempt(_adapters, ENV_ADAPTERS),
             "output_uri": attempt(_required, ENV_OUTPUT_URI),
             "base_model": attempt(_required, ENV_BASE_MODEL),
             "base_version": attempt(_int, ENV_BASE_VERSION),
@@ -149,7 +190,7 @@ class MergeJob:
     def to_env(self) -> dict[str, str]:
         return {
             ENV_BASE_URI: self.base_uri,
-            ENV_ADAPTER_URI: self.adapter_uri,
+            ENV_ADAPTERS: adapters_to_env(self.adapters),
             ENV_OUTPUT_URI: self.output_uri,
             ENV_BASE_MODEL: self.base_model,
             ENV_BASE_VERSION: str(self.base_version),
@@ -185,6 +226,7 @@ class MergeResult(BaseModel):
     manifest_sha256: str | None = None
     total_bytes: int | None = None
     file_count: int | None = None
+    adapter_seqs: list[int] | None = None  # the folded adapters' sequence numbers, in fold order
     duration_seconds: float = 0.0
     reason: str | None = None
     message: str = ""

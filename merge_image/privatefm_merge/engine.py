@@ -18,13 +18,15 @@ Plan first, then stream:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,10 +43,11 @@ from privatefm_merge.adapter import (
     parse_adapter_config,
     plan_merge,
 )
+from privatefm_merge.adapter_log import SIDECAR_NAME, AdapterMode, check_order, default_seqs, parse_sidecar
 from privatefm_merge.clock import rfc3339
 from privatefm_merge.contract import Reason
 from privatefm_merge.errors import MergeError, NotFoundError, StorageError
-from privatefm_merge.lora_math import NonFiniteError, Workspace, merge_lora_, resolve_device, tensor_view
+from privatefm_merge.lora_math import LoraDelta, NonFiniteError, Workspace, merge_loras_, resolve_device, tensor_view
 from privatefm_merge.manifest import (
     AdapterInfo,
     BaseInfo,
@@ -90,6 +93,9 @@ class MergeOptions:
     parent_version: int | None = None
     base_model: str | None = None
     base_version: int | None = None
+    # The adapters' sequence numbers in the learner's log, in fold order (recorded in the manifest);
+    # None: from each adapter directory's name when it is an integer, else its position.
+    adapter_seqs: Sequence[int] | None = None
     block_elements: int | None = None  # None: a default per device
     compute_threads: int | None = None  # CPU threads for the math; None: all cores but one (min 2)
     part_size: int = DEFAULT_PART_SIZE
@@ -120,15 +126,27 @@ class _Shard:
 
 
 @dataclass
+class _Adapter:
+    """One adapter of the fold, planned: its store, settings, header, files and merge plan."""
+
+    store: Store
+    seq: int
+    mode: AdapterMode
+    settings: LoraSettings
+    config: dict[str, Any]
+    header: SafetensorsHeader
+    files: list[FileEntry]
+    tensors: dict[str, TensorPlan]  # base tensor name -> how this adapter changes it
+
+
+@dataclass
 class _Plan:
     shards: list[_Shard]
     index_name: str | None
     extra_files: list[str]  # small non-weight files copied verbatim (config.json, tokenizer…)
-    tensors: dict[str, TensorPlan]  # base tensor name -> how to merge it
-    settings: LoraSettings
-    adapter_config: dict[str, Any]
-    adapter_header: SafetensorsHeader
-    adapter_files: list[FileEntry]
+    adapters: list[_Adapter]  # in fold order
+    # base tensor name -> (adapter index, plan) for every adapter that changes it, in fold order
+    tensors: dict[str, list[tuple[int, TensorPlan]]]
     base_manifest_sha256: str | None
 
 
@@ -158,8 +176,7 @@ def check_output_allowed(output_uri: str, *inputs: str) -> None:
 # Planning
 
 
-def _plan(base: Store, adapter: Store) -> _Plan:
-    # The adapter.
+def _plan_adapter(adapter: Store, seq: int, base_tensors: dict[str, Any]) -> _Adapter:
     try:
         config_bytes = adapter.read_bytes(ADAPTER_CONFIG_NAME)
     except NotFoundError:
@@ -170,14 +187,46 @@ def _plan(base: Store, adapter: Store) -> _Plan:
         hint = " (only safetensors adapters are supported; found adapter_model.bin)" if other else ""
         raise adapter_invalid(f"{adapter.uri} has no {ADAPTER_WEIGHTS_NAME}{hint}")
     try:
-        adapter_header = read_header(adapter, ADAPTER_WEIGHTS_NAME)
+        sidecar: bytes | None = adapter.read_bytes(SIDECAR_NAME)
+    except NotFoundError:
+        sidecar = None
+    try:
+        mode = parse_sidecar(sidecar)
+    except ValueError as err:
+        raise adapter_invalid(f"{adapter.uri}: {err}") from None
+    try:
+        header = read_header(adapter, ADAPTER_WEIGHTS_NAME)
     except SafetensorsError as err:
         raise adapter_invalid(str(err)) from None
-    adapter_files = [
+    files = [
         FileEntry(name=ADAPTER_CONFIG_NAME, size=len(config_bytes), sha256=sha256_hex(config_bytes)),
         FileEntry.of(adapter.digest(ADAPTER_WEIGHTS_NAME)),
+        *([FileEntry(name=SIDECAR_NAME, size=len(sidecar), sha256=sha256_hex(sidecar))] if sidecar else []),
     ]
+    try:
+        tensors = plan_merge(settings, header.tensors, base_tensors)
+    except MergeError as err:
+        raise MergeError(err.reason, f"adapter {adapter.uri}: {err.message}") from None
+    return _Adapter(adapter, seq, mode, settings, adapter_config, header, files, tensors)
 
+
+def _fold_plans(adapters: list[_Adapter]) -> dict[str, list[tuple[int, TensorPlan]]]:
+    """Per base tensor, the adapters that change it, in fold order."""
+    try:
+        check_order([a.mode for a in adapters])
+    except ValueError as err:
+        raise adapter_invalid(str(err)) from None
+    tensors: dict[str, list[tuple[int, TensorPlan]]] = {}
+    for number, adapter in enumerate(adapters):
+        for name, tensor_plan in adapter.tensors.items():
+            tensors.setdefault(name, []).append((number, tensor_plan))
+    for name, plans in tensors.items():
+        if len({p.fan_in_fan_out for _, p in plans}) > 1:
+            raise adapter_invalid(f"the adapters disagree on fan_in_fan_out for base tensor {name}")
+    return tensors
+
+
+def _plan(base: Store, adapters: list[tuple[Store, int]]) -> _Plan:
     # The base.
     listing = {info.name: info.size for info in base.list_files()}
     base_manifest_sha256 = None
@@ -222,13 +271,13 @@ def _plan(base: Store, adapter: Store) -> _Plan:
         raise MergeError(Reason.BASE_INVALID, f"base index lists {len(weight_map)} tensors, shards hold "
                                               f"{len(all_tensors)}")
 
-    tensors = plan_merge(settings, adapter_header.tensors, all_tensors)
+    planned = [_plan_adapter(store, seq, all_tensors) for store, seq in adapters]
+    tensors = _fold_plans(planned)
     weight_files = {*shard_names, *([index_name] if index_name else [])}
     extra_files = [name for name in listing
                    if name not in weight_files and name != layout.MANIFEST_NAME
                    and not name.lower().endswith(SKIPPED_SUFFIXES)]
-    return _Plan(shards, index_name, extra_files, tensors, settings, adapter_config, adapter_header,
-                 adapter_files, base_manifest_sha256)
+    return _Plan(shards, index_name, extra_files, planned, tensors, base_manifest_sha256)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,11 +380,59 @@ class _BackgroundWriter:
         self._writer.abort()
 
 
+class _AdapterPrefetch:
+    """Reads the adapter tensors for the next few adapted base tensors on a small thread pool, so
+    that the store's latency (a ranged GET per adapter tensor on S3, times the adapters in the
+    fold) overlaps the merge instead of adding to it."""
+
+    LOOKAHEAD = 4  # adapted base tensors
+
+    def __init__(self, plan: _Plan, order: list[str]) -> None:
+        self._plan = plan
+        self._order = iter(order)
+        self._pending: collections.deque[tuple[str, list[Future[LoraDelta]]]] = collections.deque()
+        self._pool = ThreadPoolExecutor(8, thread_name_prefix="adapter-read")
+        self._fill()
+
+    def _fill(self) -> None:
+        while len(self._pending) < self.LOOKAHEAD:
+            name = next(self._order, None)
+            if name is None:
+                return
+            futures = [self._pool.submit(self._load, self._plan.adapters[number], tensor_plan)
+                       for number, tensor_plan in self._plan.tensors[name]]
+            self._pending.append((name, futures))
+
+    @staticmethod
+    def _load(adapter: _Adapter, tensor_plan: TensorPlan) -> LoraDelta:
+        def tensor(name: str) -> torch.Tensor:
+            info = adapter.header.tensors[name]
+            start = adapter.header.data_start
+            raw = bytearray(adapter.store.read_range(ADAPTER_WEIGHTS_NAME, start + info.begin, start + info.end))
+            return tensor_view(raw, info.dtype, info.shape)
+
+        magnitude = tensor(tensor_plan.magnitude) if tensor_plan.magnitude else None
+        return LoraDelta(tensor(tensor_plan.lora_a), tensor(tensor_plan.lora_b), tensor_plan.scaling, magnitude)
+
+    def get(self, name: str) -> list[LoraDelta]:
+        """The deltas for base tensor ``name``; names must be asked for in streaming order."""
+        self._fill()
+        pending, futures = self._pending.popleft()
+        assert pending == name, (pending, name)
+        self._fill()
+        return [future.result() for future in futures]
+
+    def close(self) -> None:
+        for _, futures in self._pending:
+            for future in futures:
+                future.cancel()
+        self._pool.shutdown(wait=True)
+
+
 class _Merger:
-    def __init__(self, plan: _Plan, base: Store, adapter: Store, out: Store, options: MergeOptions) -> None:
+    def __init__(self, plan: _Plan, base: Store, out: Store, options: MergeOptions) -> None:
         self.plan = plan
         self.base = base
-        self.adapter = adapter
         self.out = out
         self.options = options
         self.device = resolve_device(options.device)
@@ -355,25 +452,16 @@ class _Merger:
         if self.options.progress is not None:
             self.options.progress(event, fields)
 
-    def _adapter_tensor(self, name: str) -> torch.Tensor:
-        info = self.plan.adapter_header.tensors[name]
-        start = self.plan.adapter_header.data_start
-        raw = bytearray(self.adapter.read_range(ADAPTER_WEIGHTS_NAME, start + info.begin, start + info.end))
-        return tensor_view(raw, info.dtype, info.shape)
-
-    def _merge_tensor(self, buffer: memoryview, tensor_plan: TensorPlan, dtype: str,
-                      shape: tuple[int, ...]) -> None:
-        lora_a = self._adapter_tensor(tensor_plan.lora_a)
-        lora_b = self._adapter_tensor(tensor_plan.lora_b)
-        magnitude = self._adapter_tensor(tensor_plan.magnitude) if tensor_plan.magnitude else None
+    def _merge_tensor(self, buffer: memoryview, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+        plans = self.plan.tensors[name]
+        deltas = self.prefetch.get(name)
         started = time.perf_counter()
         try:
-            merge_lora_(tensor_view(buffer, dtype, shape), lora_a, lora_b, tensor_plan.scaling,
-                        fan_in_fan_out=tensor_plan.fan_in_fan_out, magnitude=magnitude, device=self.device,
-                        block_elements=self.block_elements, workspace=self.workspace)
+            merge_loras_(tensor_view(buffer, dtype, shape), deltas, fan_in_fan_out=plans[0][1].fan_in_fan_out,
+                         device=self.device, block_elements=self.block_elements, workspace=self.workspace)
         except NonFiniteError as err:
             raise MergeError(Reason.NON_FINITE_RESULT,
-                             f"merging {tensor_plan.module} into {tensor_plan.base_name}: {err}") from None
+                             f"merging {plans[0][1].module} into {name}: {err}") from None
         self.compute_seconds += time.perf_counter() - started
 
     def _stream_shard(self, shard: _Shard) -> FileDigest:
@@ -389,15 +477,14 @@ class _Merger:
             position = 0
             for info in header.tensors.values():
                 self._copy(stream, writer, info.begin - position)  # gaps, if any
-                tensor_plan = self.plan.tensors.get(info.name)
-                if tensor_plan is None:
+                if info.name not in self.plan.tensors:
                     self._copy(stream, writer, info.nbytes)
                 else:
                     buffer = self.tensors.take(info.nbytes)
                     view = memoryview(buffer)[: info.nbytes]
                     try:
                         self._read(stream, view)
-                        self._merge_tensor(view, tensor_plan, info.dtype, info.shape)
+                        self._merge_tensor(view, info.name, info.dtype, info.shape)
                     except BaseException:
                         self.tensors.give(buffer)
                         raise
@@ -457,9 +544,12 @@ class _Merger:
             # where (measured on 2 cores) the math still gains from both.
             cores = len(os.sched_getaffinity(0))
             torch.set_num_threads(self.options.compute_threads or (cores if cores <= 2 else cores - 1))
+        order = [name for shard in self.plan.shards for name in shard.header.tensors if name in self.plan.tensors]
+        self.prefetch = _AdapterPrefetch(self.plan, order)
         try:
             return self._run()
         finally:
+            self.prefetch.close()
             torch.set_num_threads(threads)
 
     def _run(self) -> list[FileDigest]:
@@ -489,10 +579,10 @@ def _existing_commit(out: Store, plan: _Plan, base_uri: str, options: MergeOptio
         manifest = parse_manifest(data)
     except ManifestInvalid:
         manifest = None
-    same = (manifest is not None and manifest.base is not None and manifest.adapter is not None
+    same = (manifest is not None and manifest.base is not None and manifest.adapters is not None
             and manifest.base.uri == base_uri and manifest.version == options.version
-            and [(f.name, f.sha256) for f in manifest.adapter.files]
-            == [(f.name, f.sha256) for f in plan.adapter_files]
+            and [[(f.name, f.sha256) for f in a.files] for a in manifest.adapters]
+            == [[(f.name, f.sha256) for f in a.files] for a in plan.adapters]
             and not check_sizes(manifest, {i.name: i.size for i in out.list_files()}))
     if not same or manifest is None:
         raise MergeError(Reason.OUTPUT_EXISTS,
@@ -501,34 +591,41 @@ def _existing_commit(out: Store, plan: _Plan, base_uri: str, options: MergeOptio
     return MergeSummary(out.uri, manifest, sha256_hex(data), already_committed=True)
 
 
-def merge_checkpoint(base_uri: str, adapter_uri: str, output_uri: str, options: MergeOptions | None = None, *,
-                     s3_client: Any = None) -> MergeSummary:
-    """Merge the adapter at ``adapter_uri`` into the base at ``base_uri``, writing a committed
-    checkpoint at ``output_uri``. Raises ``MergeError`` for every expected failure."""
+def merge_checkpoint(base_uri: str, adapters: str | Sequence[str], output_uri: str,
+                     options: MergeOptions | None = None, *, s3_client: Any = None) -> MergeSummary:
+    """Fold the adapters at ``adapters`` (one URI, or several in fold order) into the base at
+    ``base_uri`` in one streaming pass, writing a committed checkpoint at ``output_uri``.
+    Raises ``MergeError`` for every expected failure."""
     options = options or MergeOptions()
+    adapter_uris = [adapters] if isinstance(adapters, str) else list(adapters)
+    if not adapter_uris:
+        raise MergeError(Reason.CONFIG_INVALID, "no adapter to merge: give at least one")
+    seqs = list(options.adapter_seqs) if options.adapter_seqs is not None else default_seqs(adapter_uris)
+    if len(seqs) != len(adapter_uris):
+        raise MergeError(Reason.CONFIG_INVALID, f"{len(adapter_uris)} adapters but {len(seqs)} sequence numbers")
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    check_output_allowed(output_uri, base_uri, adapter_uri)
+    check_output_allowed(output_uri, base_uri, *adapter_uris)
     try:
         resolve_device(options.device)
     except (RuntimeError, ValueError) as err:
         raise MergeError(Reason.CONFIG_INVALID, str(err)) from None
     base = open_store(base_uri, s3_client)
-    adapter = open_store(adapter_uri, s3_client)
+    adapter_stores = [open_store(uri, s3_client) for uri in adapter_uris]
     out = open_store(output_uri, s3_client, part_size=options.part_size)
 
-    plan = _plan(base, adapter)
+    plan = _plan(base, list(zip(adapter_stores, seqs, strict=True)))
     existing = _existing_commit(out, plan, base.uri, options)
     if existing is not None:
         return existing
     timings["plan_seconds"] = time.perf_counter() - started
     if options.progress:
         options.progress("planned", {
-            "shards": len(plan.shards), "adapted_tensors": len(plan.tensors),
-            "bytes": sum(s.header.file_size for s in plan.shards),
+            "shards": len(plan.shards), "adapters": len(plan.adapters), "adapter_seqs": seqs,
+            "adapted_tensors": len(plan.tensors), "bytes": sum(s.header.file_size for s in plan.shards),
             "seconds": round(timings["plan_seconds"], 3)})
 
-    merger = _Merger(plan, base, adapter, out, options)
+    merger = _Merger(plan, base, out, options)
     try:
         stream_started = time.perf_counter()
         files = merger.run()
@@ -547,8 +644,9 @@ def merge_checkpoint(base_uri: str, adapter_uri: str, output_uri: str, options: 
             parent_version=options.parent_version,
             base=BaseInfo(uri=base.uri, model=options.base_model, version=options.base_version,
                           manifest_sha256=plan.base_manifest_sha256),
-            adapter=AdapterInfo(uri=adapter.uri, files=plan.adapter_files,
-                                config=summary_from_adapter_config(plan.adapter_config)),
+            adapters=[AdapterInfo(uri=a.store.uri, files=a.files, config=summary_from_adapter_config(a.config),
+                                  mode=a.mode.value) for a in plan.adapters],
+            adapter_seqs=[a.seq for a in plan.adapters],
             files=entries,
         )
         problems = check_sizes(manifest, listing)

@@ -7,6 +7,8 @@ autocasts adapter weights of a float16/bfloat16 model to float32):
 * LoRA / rsLoRA:  ``W' = cast(W + (B @ A) * s)``, ``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``)
 * DoRA:           ``M = W + (B @ A) * s`` in float32; ``n = ||M||`` per output row;
                   ``W' = cast((m / n) * M)`` with ``m`` the magnitude vector
+* several adapters (an adapter log): each of the above in order, on the float32 result of the
+  ones before, and ``cast`` once at the end (:func:`merge_loras_`)
 
 ``cast`` rounds to the base dtype (round to nearest even), as PEFT's in-place update does.
 The work is done in blocks of output rows, so the float32 working set stays small whatever the
@@ -18,6 +20,8 @@ project's reference CPU (PyTorch with MKL) the result is bit-identical to PEFT's
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -70,28 +74,85 @@ class Workspace:
         return have[: rows * cols].view(rows, cols)
 
 
-def merge_lora_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, *,
-                fan_in_fan_out: bool = False, magnitude: torch.Tensor | None = None,
-                device: torch.device | None = None, block_elements: int = DEFAULT_BLOCK_ELEMENTS,
-                workspace: Workspace | None = None) -> None:
-    """Merge one LoRA (or DoRA, when ``magnitude`` is given) into ``weight`` in place.
+@dataclass(frozen=True)
+class LoraDelta:
+    """One adapter's update of one weight: ``s·B·A``, DoRA-rescaled when ``magnitude`` is set."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scaling: float
+    magnitude: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One matrix product of the fold, in float32 on the device. ``prescaled``: ``b`` already
+    carries the scaling (so the step is one ``addmm``)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+    prescaled: bool
+    magnitude: torch.Tensor | None
+
+
+def _steps(deltas: Sequence[LoraDelta], device: torch.device) -> list[_Step]:
+    """The deltas as products. Consecutive plain-LoRA deltas become one product of rank
+    ``sum(r)``: ``[s1·B1 | s2·B2] @ [A1; A2]`` is their sum in one BLAS call, far cheaper than one
+    thin product each. A DoRA delta needs the weight the deltas before it produced, so it ends a
+    group."""
+
+    def f32(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=torch.float32)
+
+    steps: list[_Step] = []
+    group: list[LoraDelta] = []
+
+    def flush() -> None:
+        if len(group) == 1:
+            # Alone, a delta keeps PEFT's exact arithmetic: scaling by a power of two is exact, so
+            # folding it into B gives bit-identical results to PEFT's (B @ A) * s; other scalings
+            # are applied as PEFT does, after the product.
+            d = group[0]
+            exact = _is_power_of_two(d.scaling)
+            steps.append(_Step(f32(d.lora_a), f32(d.lora_b) * d.scaling if exact else f32(d.lora_b),
+                               d.scaling, exact, None))
+        elif group:
+            steps.append(_Step(torch.cat([f32(d.lora_a) for d in group], dim=0),
+                               torch.cat([f32(d.lora_b) * d.scaling for d in group], dim=1), 1.0, True, None))
+        group.clear()
+
+    for delta in deltas:
+        if delta.magnitude is None:
+            group.append(delta)
+            continue
+        flush()
+        exact = _is_power_of_two(delta.scaling)
+        steps.append(_Step(f32(delta.lora_a), f32(delta.lora_b) * delta.scaling if exact else f32(delta.lora_b),
+                           delta.scaling, exact, f32(delta.magnitude)))
+    flush()
+    return steps
+
+
+def merge_loras_(weight: torch.Tensor, deltas: Sequence[LoraDelta], *, fan_in_fan_out: bool = False,
+                 device: torch.device | None = None, block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+                 workspace: Workspace | None = None) -> None:
+    """Fold several adapters' deltas into ``weight`` in place, in order, in one pass over it.
 
     ``weight`` is a float16/bfloat16/float32 CPU tensor; the adapter tensors any float dtype.
-    Raises ``NonFiniteError`` if a merged value is NaN or infinite (``weight`` is then partly
-    merged and must be discarded).
+    The weight stays in float32 from one delta to the next and is rounded to its dtype once, at
+    the end; each DoRA delta normalises the float32 weight the deltas before it produced. With
+    one delta this is exactly PEFT's ``merge_and_unload``; with several it equals PEFT applying
+    them one after another in float32 and casting once (up to float32 rounding), and differs
+    from PEFT rounding to the base dtype after every adapter by at most about one unit in the
+    last place per adapter. Raises ``NonFiniteError`` if a merged value is NaN or infinite
+    (``weight`` is then partly merged and must be discarded).
     """
     device = device or torch.device("cpu")
     workspace = workspace or Workspace()
     rows_view = weight.t() if fan_in_fan_out else weight  # [out, in] either way
     out_features, in_features = rows_view.shape
-    a = lora_a.to(device=device, dtype=torch.float32)
-    b = lora_b.to(device=device, dtype=torch.float32)
-    m = magnitude.to(device=device, dtype=torch.float32) if magnitude is not None else None
-    # Scaling by a power of two is exact, so folding it into B gives bit-identical results to
-    # PEFT's (B @ A) * s while saving a pass over the block.
-    prescaled = _is_power_of_two(scaling)
-    if prescaled:
-        b = b * scaling
+    steps = _steps(deltas, device)
     # Blocks of a multiple of 64 rows: BLAS kernels then compute each row exactly as they do in
     # PEFT's single whole-matrix product (odd-sized row blocks take other code paths whose
     # rounding differs in the last bit).
@@ -105,18 +166,29 @@ def merge_lora_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
         else:
             merged = workspace.get("merged", stop - start, in_features, device)
         merged.copy_(target)  # to float32 (and to the device)
-        if prescaled:  # merged += B_s @ A in one BLAS call; bit-identical to the two-step form
-            merged.addmm_(b[start:stop], a)
-        else:
-            delta = workspace.get("delta", stop - start, in_features, device)
-            torch.mm(b[start:stop], a, out=delta)
-            delta.mul_(scaling)
-            merged.add_(delta)
-        if m is not None:
-            norm = torch.linalg.norm(merged, dim=1)
-            merged.mul_((m[start:stop] / norm).view(-1, 1))
+        for step in steps:
+            if step.prescaled:  # merged += B_s @ A in one BLAS call
+                merged.addmm_(step.b[start:stop], step.a)
+            else:
+                delta = workspace.get("delta", stop - start, in_features, device)
+                torch.mm(step.b[start:stop], step.a, out=delta)
+                delta.mul_(step.scaling)
+                merged.add_(delta)
+            if step.magnitude is not None:
+                norm = torch.linalg.norm(merged, dim=1)
+                merged.mul_((step.magnitude[start:stop] / norm).view(-1, 1))
         target.copy_(merged)  # rounds to the weight's dtype
         _check_finite(target, start)
+
+
+def merge_lora_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, *,
+                fan_in_fan_out: bool = False, magnitude: torch.Tensor | None = None,
+                device: torch.device | None = None, block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+                workspace: Workspace | None = None) -> None:
+    """Merge one LoRA (or DoRA, when ``magnitude`` is given) into ``weight`` in place: PEFT's
+    ``merge_and_unload``. See :func:`merge_loras_`."""
+    merge_loras_(weight, [LoraDelta(lora_a, lora_b, scaling, magnitude)], fan_in_fan_out=fan_in_fan_out,
+                 device=device, block_elements=block_elements, workspace=workspace)
 
 
 def _check_finite(block: torch.Tensor, first_row: int) -> None:

@@ -2,8 +2,9 @@
 
 A checkpoint version exists exactly when its ``manifest.json`` exists. The manifest is written
 last and lists every other file of the checkpoint with its size and sha256. A merged checkpoint's
-manifest also names its base and adapter; a base model's own manifest (``privatefm-merge seal``)
-has neither. Torch-free.
+manifest also names its base and the adapters it folded (``adapters``, ``adapterSeqs``); a base
+model's own manifest (``privatefm-merge seal``) has neither. Older manifests with a single
+``adapter`` object still read (as a one-element ``adapters``). Torch-free.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from privatefm_merge.layout import MANIFEST_NAME
@@ -76,6 +77,7 @@ class AdapterInfo(_Model):
     uri: str
     files: list[FileEntry]
     config: AdapterConfigSummary
+    mode: str | None = None  # "cumulative" or "incremental" (adapter_log.AdapterMode); None: older manifests
 
 
 class Manifest(_Model):
@@ -85,8 +87,22 @@ class Manifest(_Model):
     version: int | None = None
     parent_version: int | None = None
     base: BaseInfo | None = None  # None for a base model's own manifest
-    adapter: AdapterInfo | None = None  # None for a base model's own manifest
+    # The folded adapters, in fold order, and their sequence numbers in the learner's log; None
+    # for a base model's own manifest.
+    adapters: list[AdapterInfo] | None = None
+    adapter_seqs: list[int] | None = None
+    # Manifests written before adapter logs had one adapter here; read into ``adapters`` and
+    # never written.
+    adapter: AdapterInfo | None = Field(default=None, exclude=True)
     files: list[FileEntry]
+
+    @model_validator(mode="after")
+    def _single_adapter(self) -> Manifest:
+        if self.adapter is not None:
+            if self.adapters is None:
+                self.adapters = [self.adapter]
+            self.adapter = None
+        return self
 
     @field_validator("files")
     @classmethod

@@ -13,6 +13,7 @@ from privatefm_merge import layout
 from privatefm_merge.contract import (
     DEFAULT_RESULT_PATH,
     MAX_RESULT_BYTES,
+    AdapterRef,
     MergeJob,
     MergeResult,
     Reason,
@@ -21,7 +22,8 @@ from privatefm_merge.contract import (
 
 ENV = {
     "PRIVATEFM_BASE_URI": "s3://models/base/llama/v3",
-    "PRIVATEFM_ADAPTER_URI": "s3://models/learners/abc/adapters/12",
+    "PRIVATEFM_ADAPTERS": '[{"seq": 12, "uri": "s3://models/learners/abc/adapters/12"}, '
+                          '{"seq": 13, "uri": "s3://models/learners/abc/adapters/13"}]',
     "PRIVATEFM_OUTPUT_URI": "s3://models/learners/abc/checkpoints/v5",
     "PRIVATEFM_BASE_MODEL": "llama",
     "PRIVATEFM_BASE_VERSION": "3",
@@ -32,7 +34,9 @@ ENV = {
 
 def test_job_from_env_round_trip() -> None:
     job = MergeJob.from_env(ENV)
-    assert job == MergeJob("s3://models/base/llama/v3", "s3://models/learners/abc/adapters/12",
+    adapters = (AdapterRef(12, "s3://models/learners/abc/adapters/12"),
+                AdapterRef(13, "s3://models/learners/abc/adapters/13"))
+    assert job == MergeJob("s3://models/base/llama/v3", adapters,
                            "s3://models/learners/abc/checkpoints/v5", "llama", 3, 4, 5, "auto")
     assert MergeJob.from_env(job.to_env()) == job
     first = MergeJob.from_env({**ENV, "PRIVATEFM_PARENT_VERSION": "", "PRIVATEFM_DEVICE": "cuda"})
@@ -41,6 +45,11 @@ def test_job_from_env_round_trip() -> None:
     without = dict(ENV)
     del without["PRIVATEFM_PARENT_VERSION"]
     assert MergeJob.from_env(without).parent_version is None
+    assert json.loads(job.to_env()["PRIVATEFM_ADAPTERS"]) == [
+        {"seq": 12, "uri": "s3://models/learners/abc/adapters/12"},
+        {"seq": 13, "uri": "s3://models/learners/abc/adapters/13"}]
+    with pytest.raises(ValueError, match="PRIVATEFM_ADAPTERS must list at least one adapter"):
+        job.replace(adapters=())
 
 
 @pytest.mark.parametrize(("change", "match"), [
@@ -50,6 +59,15 @@ def test_job_from_env_round_trip() -> None:
     ({"PRIVATEFM_BASE_VERSION": "-1"}, "PRIVATEFM_BASE_VERSION must be >= 0"),
     ({"PRIVATEFM_PARENT_VERSION": "x"}, "PRIVATEFM_PARENT_VERSION must be an integer"),
     ({"PRIVATEFM_DEVICE": "tpu"}, "PRIVATEFM_DEVICE must be one of auto, cpu, cuda"),
+    ({"PRIVATEFM_ADAPTERS": None}, "PRIVATEFM_ADAPTERS is required"),
+    ({"PRIVATEFM_ADAPTERS": "[]"}, "PRIVATEFM_ADAPTERS must be a non-empty JSON list"),
+    ({"PRIVATEFM_ADAPTERS": "s3://b/learners/x/adapters/1"}, "PRIVATEFM_ADAPTERS is not JSON"),
+    ({"PRIVATEFM_ADAPTERS": '{"seq": 1, "uri": "s3://b/a/1"}'}, "PRIVATEFM_ADAPTERS must be a non-empty JSON list"),
+    ({"PRIVATEFM_ADAPTERS": '[{"seq": "1", "uri": "s3://b/a/1"}]'}, "PRIVATEFM_ADAPTERS: each entry must be"),
+    ({"PRIVATEFM_ADAPTERS": '[{"seq": 1, "uri": ""}]'}, "PRIVATEFM_ADAPTERS: each entry must be"),
+    ({"PRIVATEFM_ADAPTERS": '[{"seq": 1, "url": "s3://b/a/1"}]'}, "PRIVATEFM_ADAPTERS: each entry must be"),
+    ({"PRIVATEFM_ADAPTERS": '[{"seq": 1, "uri": "s3://b/a/1"}, {"seq": 1, "uri": "s3://b/a/2"}]'},
+     "PRIVATEFM_ADAPTERS: sequence numbers repeat"),
 ])
 def test_job_from_env_errors_name_the_variable(change: dict[str, str | None], match: str) -> None:
     env = {k: v for k, v in {**ENV, **change}.items() if v is not None}
@@ -67,8 +85,11 @@ def test_result_json_is_camel_case_and_round_trips() -> None:
                          total_bytes=10, file_count=2, duration_seconds=1.5, message="ok")
     doc = json.loads(result.to_json())
     assert set(doc) == {"status", "version", "outputUri", "manifestSha256", "totalBytes", "fileCount",
-                        "durationSeconds", "reason", "message"}
+                        "adapterSeqs", "durationSeconds", "reason", "message"}
     assert MergeResult.from_json(result.to_json()) == result
+    folded = result.model_copy(update={"adapter_seqs": [3, 4, 5]})
+    assert json.loads(folded.to_json())["adapterSeqs"] == [3, 4, 5]
+    assert MergeResult.from_json(folded.to_json()) == folded
     assert result.succeeded
 
 
@@ -132,7 +153,7 @@ def test_job_from_env_names_every_problem_at_once() -> None:
     with pytest.raises(ValueError) as caught:
         MergeJob.from_env({"PRIVATEFM_BASE_URI": "/x", "PRIVATEFM_TARGET_VERSION": "two"})
     message = str(caught.value)
-    for name in ("PRIVATEFM_ADAPTER_URI", "PRIVATEFM_OUTPUT_URI", "PRIVATEFM_BASE_MODEL", "PRIVATEFM_BASE_VERSION",
+    for name in ("PRIVATEFM_ADAPTERS", "PRIVATEFM_OUTPUT_URI", "PRIVATEFM_BASE_MODEL", "PRIVATEFM_BASE_VERSION",
                  "PRIVATEFM_TARGET_VERSION must be an integer"):
         assert name in message
     assert "PRIVATEFM_BASE_URI" not in message and "PRIVATEFM_PARENT_VERSION" not in message

@@ -106,7 +106,7 @@ def test_matches_peft_merge_and_unload(tmp_path: Path, arch: str, variant: str, 
     assert (tmp_path / "out/config.json").read_bytes() == (base_dir / "config.json").read_bytes()
     manifest = json.loads((tmp_path / "out/manifest.json").read_text())
     assert sorted(f["name"] for f in manifest["files"]) == base_files
-    assert manifest["adapter"]["config"]["useDora"] == (variant == "dora")
+    assert manifest["adapters"][0]["config"]["useDora"] == (variant == "dora")
     assert summary.file_count == len(base_files)
     assert verify_checkpoint(str(tmp_path / "out")).ok
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from merge_testlib import make_adapter, rewrite_adapter, save_base, tiny_llama
 from peft import LoraConfig
-from privatefm_merge.contract import MergeJob, MergeResult
+from privatefm_merge.contract import AdapterRef, MergeJob, MergeResult
 
 CLI = str(Path(sys.executable).parent / "privatefm-merge")
 
@@ -41,7 +41,7 @@ def run_pod(env: dict[str, str], result_path: Path) -> tuple[int, MergeResult | 
 
 
 def test_pod_success(source: Path, tmp_path: Path) -> None:
-    job = MergeJob(base_uri=str(source / "base"), adapter_uri=str(source / "adapter"),
+    job = MergeJob(base_uri=str(source / "base"), adapters=(AdapterRef(4, str(source / "adapter")),),
                    output_uri=str(tmp_path / "v2"), base_model="tiny", base_version=1, parent_version=1,
                    target_version=2, device="cpu")
     code, result, logs = run_pod(job.to_env(), tmp_path / "result.json")
@@ -52,6 +52,7 @@ def test_pod_success(source: Path, tmp_path: Path) -> None:
     doc = json.loads(manifest)
     assert result.file_count == len(doc["files"]) and result.total_bytes == sum(f["size"] for f in doc["files"])
     assert (doc["version"], doc["parentVersion"], doc["base"]["model"], doc["base"]["version"]) == (2, 1, "tiny", 1)
+    assert doc["adapterSeqs"] == result.adapter_seqs == [4]
     events = [entry["msg"] for entry in logs]
     assert events[0] == "merge_started" and events[-1] == "merge_succeeded"
     assert "planned" in events and "shard_written" in events
@@ -65,8 +66,9 @@ def test_pod_adapter_failure_is_reported(source: Path, tmp_path: Path) -> None:
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (adapter / name).write_bytes((source / "adapter" / name).read_bytes())
     rewrite_adapter(adapter, config={"peft_type": "PROMPT_TUNING"})
-    job = MergeJob(base_uri=str(source / "base"), adapter_uri=str(adapter), output_uri=str(tmp_path / "v3"),
-                   base_model="tiny", base_version=1, parent_version=None, target_version=3, device="cpu")
+    job = MergeJob(base_uri=str(source / "base"), adapters=(AdapterRef(0, str(adapter)),),
+                   output_uri=str(tmp_path / "v3"), base_model="tiny", base_version=1, parent_version=None,
+                   target_version=3, device="cpu")
     code, result, logs = run_pod(job.to_env(), tmp_path / "result.json")
     assert code == 1
     assert result is not None and result.status == "Failed" and result.reason == "AdapterInvalid"
@@ -79,7 +81,7 @@ def test_pod_bad_environment_is_reported(tmp_path: Path) -> None:
     code, result, _ = run_pod({"PRIVATEFM_BASE_URI": "/nowhere"}, tmp_path / "result.json")
     assert code == 1
     assert result is not None and result.reason == "ConfigInvalid"
-    assert "PRIVATEFM_ADAPTER_URI" in result.message
+    assert "PRIVATEFM_ADAPTERS" in result.message
 
 
 def test_merge_command_forms(source: Path, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import pytest
 import torch
 from merge_testlib import make_adapter, read_tensors, save_base, tiny_llama
 from peft import LoraConfig
-from privatefm_merge.contract import MergeJob, MergeResult
+from privatefm_merge.contract import AdapterRef, MergeJob, MergeResult
 from privatefm_merge.engine import MergeOptions, merge_checkpoint
 from privatefm_merge.seal import seal_checkpoint
 from privatefm_merge.store import MiB, S3Store, open_store
@@ -106,7 +106,7 @@ def test_merge_s3_to_s3_then_verify_and_detect_a_flipped_byte(s3: Any, prefix: s
     upload_dir(client, s3.bucket, adapter_key, tiny / "adapter")
     seal_checkpoint(f"s3://{s3.bucket}/{base_key}", version=1, s3_client=client)
 
-    job = MergeJob(base_uri=f"s3://{s3.bucket}/{base_key}", adapter_uri=f"s3://{s3.bucket}/{adapter_key}",
+    job = MergeJob(base_uri=f"s3://{s3.bucket}/{base_key}", adapters=(AdapterRef(1, f"s3://{s3.bucket}/{adapter_key}"),),
                    output_uri=f"s3://{s3.bucket}/{out_key}", base_model="tiny", base_version=1,
                    parent_version=None, target_version=1, device="auto")
     result_path = tmp_path / "result.json"
@@ -182,7 +182,7 @@ def test_merge_killed_mid_upload_leaves_no_version(s3: Any, prefix: str, tmp_pat
     for path in (tmp_path / "src").glob("model*"):
         client.upload_file(str(path), s3.bucket, f"{base_key}/{path.name}")
     upload_dir(client, s3.bucket, adapter_key, adapter_dir)
-    job = MergeJob(base_uri=f"s3://{s3.bucket}/{base_key}", adapter_uri=f"s3://{s3.bucket}/{adapter_key}",
+    job = MergeJob(base_uri=f"s3://{s3.bucket}/{base_key}", adapters=(AdapterRef(1, f"s3://{s3.bucket}/{adapter_key}"),),
                    output_uri=f"s3://{s3.bucket}/{out_key}", base_model="big", base_version=1, parent_version=3,
                    target_version=4, device="cpu")
     env = {**job.to_env(), "PRIVATEFM_RESULT_PATH": str(tmp_path / "result.json"),

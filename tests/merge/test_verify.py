@@ -49,10 +49,12 @@ def test_manifest_content(merged: Path) -> None:
     assert doc["base"] == {"uri": str(merged / "base"), "model": "tiny", "version": 3,
                            "manifestSha256": base_manifest_sha}
     assert verify_checkpoint(str(merged / "base")).ok  # a sealed base verifies like a checkpoint
-    assert doc["adapter"]["uri"] == str(merged / "adapter")
-    assert doc["adapter"]["config"]["peftType"] == "LORA" and doc["adapter"]["config"]["r"] == 4
-    assert doc["adapter"]["config"]["targetModules"] == ["gate_proj", "q_proj"]
-    for entry in doc["adapter"]["files"]:
+    assert "adapter" not in doc and doc["adapterSeqs"] == [0]  # a directory not named by a number: position 0
+    [adapter] = doc["adapters"]
+    assert adapter["uri"] == str(merged / "adapter") and adapter["mode"] == "cumulative"
+    assert adapter["config"]["peftType"] == "LORA" and adapter["config"]["r"] == 4
+    assert adapter["config"]["targetModules"] == ["gate_proj", "q_proj"]
+    for entry in adapter["files"]:
         content = (merged / "adapter" / entry["name"]).read_bytes()
         assert entry["sha256"] == hashlib.sha256(content).hexdigest()
     listed = {f["name"]: f for f in doc["files"]}
@@ -145,7 +147,7 @@ def test_clone_checkpoint(merged: Path, tmp_path: Path) -> None:
     assert report.ok and report.manifest_sha256 == digest
     assert manifest.base is not None and manifest.base.uri == str(merged / "out")
     assert manifest.base.manifest_sha256 == hashlib.sha256((merged / "out/manifest.json").read_bytes()).hexdigest()
-    assert (manifest.version, manifest.parent_version, manifest.adapter) == (8, 7, None)
+    assert (manifest.version, manifest.parent_version, manifest.adapters, manifest.adapter_seqs) == (8, 7, None, None)
     with pytest.raises(MergeError, match=r"already has a manifest\.json"):
         clone_checkpoint(str(merged / "out"), str(tmp_path / "v8"))
     with pytest.raises(MergeError, match="source version does not exist"):
