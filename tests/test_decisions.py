@@ -423,3 +423,13 @@ def test_a_held_deletion_is_not_logged_or_posted_as_an_error() -> None:
     for record in (held, other):
         assert logs.HeldDeletionIsNoError().filter(record)
     assert (held.levelno, other.levelno) == (logging.INFO, logging.ERROR)
+
+
+def test_crd_reinstalled_only_for_a_new_established_uid() -> None:
+    seen: dict[str, str] = {}
+    assert not decisions.crd_reinstalled(seen, "a", "u1", True)   # first sight
+    assert not decisions.crd_reinstalled(seen, "a", "u1", True)   # same CRD
+    assert not decisions.crd_reinstalled(seen, "a", "u2", False)  # re-created, not yet established
+    assert decisions.crd_reinstalled(seen, "a", "u2", True)
+    assert not decisions.crd_reinstalled(seen, "a", "u2", True)   # once
+    assert seen == {"a": "u2"}

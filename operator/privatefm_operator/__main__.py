@@ -14,8 +14,11 @@ def main() -> int:
     logs.configure()
     assert handlers.SETTINGS  # importing handlers registers them with kopf
     # One active operator at a time comes from the Deployment (Recreate, 1 replica), so no peering.
-    asyncio.run(kopf.operator(clusterwide=True, standalone=True))
-    return 0
+    while True:
+        handlers.RESTART.clear()
+        asyncio.run(kopf.operator(clusterwide=True, standalone=True, stop_flag=handlers.RESTART))
+        if not handlers.RESTART.is_set():  # stopped by a signal
+            return 0
 
 
 if __name__ == "__main__":

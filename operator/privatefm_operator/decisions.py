@@ -402,3 +402,18 @@ def deletion_status(old: LearnerNamespaceStatus, d: DeletionStatus, generation: 
     return old.model_copy(update={"phase": phase, "deletion": d, "conditions": conditions.merge(
         old.conditions, conditions.kstatus(generation, now, ready=False, reconciling=True, stalled=False,
                                            reason=reason, message=message))})
+
+
+def crd_reinstalled(seen: dict[str, str], name: str, uid: str, established: bool) -> bool:
+    """Whether this CRD event shows one of ours re-created since first seen (and records it).
+
+    kopf learns which resources it serves from API discovery when a CRD event arrives; a CRD
+    that comes back (uninstall and install, or a botched upgrade) can be announced before
+    discovery lists it, and kopf then never serves it. A re-created, established CRD is the
+    moment to restart the operator's kopf loop.
+    """
+    first = seen.setdefault(name, uid)
+    if first == uid or not established:
+        return False
+    seen[name] = uid
+    return True

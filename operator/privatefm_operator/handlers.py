@@ -10,12 +10,13 @@ The clients and reconcilers are built once, at start-up, and kept in kopf's ``me
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import kopf
 
-from privatefm_operator import logs, metrics, naming, reconcilers
+from privatefm_operator import decisions, logs, metrics, naming, reconcilers
 from privatefm_operator.api import GROUP, VERSION, AdapterMerge, LearnerNamespace, MergeTrigger
 from privatefm_operator.reconcilers.base import RetryLater, parse
 from privatefm_operator.settings import Settings
@@ -24,6 +25,8 @@ SETTINGS = Settings()  # read at import: the timer's interval is fixed when the 
 LNS = (GROUP, VERSION, "learnernamespaces")
 AM = (GROUP, VERSION, "adaptermerges")
 OURS = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
+OUR_CRDS = frozenset({f"learnernamespaces.{GROUP}", f"adaptermerges.{GROUP}"})
+RESTART = threading.Event()  # set: kopf stops, and __main__ starts it afresh
 log = logging.getLogger("privatefm.operator")
 
 
@@ -93,3 +96,17 @@ def job_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> N
         memo.reconcilers.jobs.on_job(body)
     except RetryLater as err:  # an event handler is not retried by kopf: the learner's sweep will be
         log.warning("job event deferred: %s", err)
+
+
+@kopf.on.event("apiextensions.k8s.io", "v1", "customresourcedefinitions",
+               when=lambda name, **_: name in OUR_CRDS)
+def crd_event(name: str, body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+    if type == "DELETED" or "reconcilers" not in memo:
+        return
+    conditions = body.get("status", {}).get("conditions") or []
+    established = any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
+    seen = memo.setdefault("crd_uids", {})
+    if decisions.crd_reinstalled(seen, name, body["metadata"]["uid"], established):
+        memo.reconcilers.kube.wait_until_discoverable(f"/apis/{GROUP}/{VERSION}", body["spec"]["names"]["plural"])
+        log.warning("CRD %s was re-created: restarting the operator loop so that it is served again", name)
+        RESTART.set()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -71,6 +72,20 @@ class Kube:
             if err.status == 404:
                 return None
             raise
+
+    def wait_until_discoverable(self, group_version_path: str, plural: str, timeout: float = 60.0) -> bool:
+        """Polls API discovery until ``plural`` is listed under ``group_version_path``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                found = self._call("GET", group_version_path).get("resources", [])
+                if any(r.get("name") == plural for r in found):
+                    return True
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+            time.sleep(1.0)
+        return False
 
     def list(self, kind: str, namespace: str | None = None, selector: str | None = None) -> list[dict[str, Any]]:
         query = [("labelSelector", selector)] if selector else []

@@ -23,6 +23,7 @@ class Reconcilers:
     merges: MergeReconciler
     jobs: JobEvents
     deletions: DeletionReconciler
+    kube: Kube
 
 
 def build(settings: Settings) -> Reconcilers:
@@ -31,4 +32,5 @@ def build(settings: Settings) -> Reconcilers:
     learners = LearnerReconciler(clients)
     merges = MergeReconciler(clients, learners)
     learners.merges = merges
-    return Reconcilers(learners, merges, JobEvents(clients, merges), DeletionReconciler(clients, learners))
+    return Reconcilers(learners, merges, JobEvents(clients, merges), DeletionReconciler(clients, learners),
+                       clients.kube)

@@ -31,7 +31,9 @@ class Kube:
         cmd = [str(BIN / "kubectl"), *args]
         if as_user:
             cmd += [f"--as={as_user}", *(f"--as-group={g}" for g in as_groups)]
-        proc = subprocess.run(cmd, env=self.env(), text=True, capture_output=True, input=input, timeout=120)
+        waits = [d for a in args if a.startswith("--timeout=") for d in [a.removeprefix("--timeout=")]]
+        limit = 120 + (int(waits[0].rstrip("s")) if waits and waits[0].rstrip("s").isdigit() else 0)
+        proc = subprocess.run(cmd, env=self.env(), text=True, capture_output=True, input=input, timeout=limit)
         if check and proc.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
         return proc
