@@ -278,6 +278,13 @@ class MergeSettings(Model):
         default=None, max_length=16, description="Tolerations for the merge pod, e.g. for tainted GPU nodes.")
 
 
+class Retention(Model):
+    """How many verified checkpoint versions the store keeps."""
+
+    keep: int = Field(default=3, ge=1, le=100,
+                      description="Verified versions kept besides the current one (older ones are pruned). Default 3.")
+
+
 class LearnerNamespaceSpec(Model):
     """Desired state of one learner's private foundation model."""
 
@@ -303,6 +310,7 @@ class LearnerNamespaceSpec(Model):
         json_schema_extra={"x-kubernetes-validations": [
             cel("duration(self) <= duration('8760h')", "deletionDelay must be at most 8760h")]})
     merge: MergeSettings | None = Field(default=None, description="Nightly merge settings.")
+    retention: Retention | None = Field(default=None, description="Checkpoint retention; default keep 3.")
 
     def merge_settings(self) -> MergeSettings:
         return self.merge or MergeSettings()
@@ -311,6 +319,7 @@ class LearnerNamespaceSpec(Model):
 class LearnerPhase(StrEnum):
     READY = "Ready"
     DEGRADED = "Degraded"
+    RECOVERING = "Recovering"               # a fallback (re-clone and adapter replay) is under way
     FAILED = "Failed"
     AWAITING_GUARDIAN = "AwaitingGuardian"  # deletion requested; waiting for approval and the delay
     DELETING = "Deleting"                   # approved and due: the namespace and store prefix go
@@ -323,7 +332,8 @@ class Checkpoint(Model):
     uri: str = Field(description="s3:// URI of the checkpoint directory.")
     manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the checkpoint's manifest.json.")
     base_version: int = Field(ge=1, description="Base model version the checkpoint was merged from.")
-    adapter_seq: int | None = Field(default=None, ge=0, description="Adapter sequence number that was merged.")
+    adapter_seq: int | None = Field(default=None, ge=0, description="Newest adapter sequence number merged.")
+    adapter_seqs: list[int] | None = Field(default=None, description="Adapter sequence numbers folded, in order.")
     size_bytes: int | None = Field(default=None, ge=0, description="Total size of the checkpoint's files.")
     verified_at: datetime | None = Field(default=None, description="When the operator verified the manifest.")
 
@@ -346,6 +356,44 @@ class DeletionStatus(Model):
                                                                "the learner.")
 
 
+class IntegrityStatus(Model):
+    """Results of the integrity checks of the current checkpoint."""
+
+    checked_at: datetime | None = Field(default=None, description="Last cheap check (manifest, sizes, checksums).")
+    checked_version: int | None = Field(default=None, description="Checkpoint version the cheap check looked at.")
+    deep_checked_at: datetime | None = Field(default=None, description="Last deep check (every byte re-hashed).")
+    deep_checked_version: int | None = Field(default=None, description="Version the deep check looked at.")
+    verify_job: str | None = Field(default=None, description="The deep-check Job under way, if any.")
+    verify_request: str | None = Field(default=None, description="Last verify-requested annotation value handled.")
+    failed_version: int | None = Field(default=None, description="The checkpoint version that failed a check.")
+    reason: str | None = Field(default=None, description="ChecksumMismatch, SizeMismatch, FileMissing or "
+                                                         "ManifestMissing.")
+    file: str | None = Field(default=None, description="The file that failed.")
+    message: str | None = Field(default=None, description="Details of the failure.")
+
+
+class RecoveryStatus(Model):
+    """A fallback: re-clone from the base model and replay the adapter log into a new version."""
+
+    id: int = Field(ge=1, description="Counts fallbacks of this learner; names its AdapterMerges.")
+    reason: str = Field(description="Corruption, VersionLag or Requested.")
+    message: str | None = Field(default=None, description="What triggered it.")
+    started_at: datetime | None = Field(default=None, description="When it began.")
+    generation: int | None = Field(default=None, description="Spec generation it began under.")
+    request: str | None = Field(default=None, description="fallback-requested annotation value it answers.")
+    attempts: int = Field(default=0, ge=0, description="Fallback merges that failed so far.")
+    merge: str | None = Field(default=None, description="The AdapterMerge of the current attempt.")
+    next_attempt_at: datetime | None = Field(default=None, description="Not before this time (back-off).")
+    completed_at: datetime | None = Field(default=None, description="When it produced a verified version.")
+    failed_at: datetime | None = Field(default=None, description="When it gave up (fallbackRetryLimit reached).")
+
+
+class RetentionStatus(Model):
+    last_run_at: datetime | None = Field(default=None, description="When retention last ran.")
+    versions_pruned: int | None = Field(default=None, description="Checkpoint versions pruned by the last run.")
+    bytes_pruned: int | None = Field(default=None, description="Bytes pruned by the last run.")
+
+
 class LearnerNamespaceStatus(Status):
     """Observed state, written by the operator."""
 
@@ -363,6 +411,9 @@ class LearnerNamespaceStatus(Status):
     version_lag: int | None = Field(
         default=None, description="Latest base version minus the current checkpoint's base version.")
     deletion: DeletionStatus | None = Field(default=None, description="Guardian-approved deletion progress.")
+    integrity: IntegrityStatus | None = Field(default=None, description="Integrity checks of the current checkpoint.")
+    recovery: RecoveryStatus | None = Field(default=None, description="The latest fallback, under way or done.")
+    retention: RetentionStatus | None = Field(default=None, description="The last retention run.")
 
 
 class LearnerNamespace(Resource):
@@ -379,6 +430,7 @@ class LearnerNamespace(Resource):
 class MergeTrigger(StrEnum):
     SCHEDULED = "Scheduled"
     MANUAL = "Manual"
+    FALLBACK = "Fallback"  # made by the operator: re-clone from the base and replay the adapter log
 
 
 class MergePhase(StrEnum):
@@ -417,7 +469,9 @@ class AdapterMergeStatus(Status):
     target_version: int | None = Field(default=None, ge=1, description="Checkpoint version this run writes.")
     parent_version: int | None = Field(default=None, ge=1, description="Checkpoint that was current at start.")
     base_version: int | None = Field(default=None, ge=1, description="Base model version merged onto.")
-    adapter_seq: int | None = Field(default=None, ge=0, description="Adapter sequence number merged.")
+    adapter_seq: int | None = Field(default=None, ge=0, description="Newest adapter sequence number merged.")
+    adapter_seqs: list[int] | None = Field(default=None, description="Adapter sequence numbers folded, in order; "
+                                                                     "empty for a re-clone of the base.")
     job: JobRef | None = Field(default=None, description="The Job running this merge.")
     started_at: datetime | None = Field(default=None, description="When the Job started.")
     completed_at: datetime | None = Field(default=None, description="When the run finished.")

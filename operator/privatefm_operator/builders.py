@@ -26,7 +26,7 @@ RESULT_PATH = contract.DEFAULT_RESULT_PATH
 # Contract variable -> pod annotation it is read from.
 PARAM_ANNOTATIONS = {
     env: PARAM_PREFIX + env.removeprefix("PRIVATEFM_").lower().replace("_", "-")
-    for env in (contract.ENV_BASE_URI, contract.ENV_ADAPTER_URI, contract.ENV_OUTPUT_URI,
+    for env in (contract.ENV_BASE_URI, contract.ENV_ADAPTERS, contract.ENV_OUTPUT_URI,
                 contract.ENV_BASE_MODEL, contract.ENV_BASE_VERSION, contract.ENV_PARENT_VERSION,
                 contract.ENV_TARGET_VERSION)
 }

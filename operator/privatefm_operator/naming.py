@@ -19,6 +19,11 @@ GUARDIAN_FINALIZER = f"{GROUP}/guardian"
 # Set by a guardian, to their own username (an admission policy checks both).
 APPROVAL_ANNOTATION = f"{GROUP}/deletion-approved-by"
 
+# Set by anyone who may edit the LearnerNamespace, to any new value (e.g. a timestamp): each new
+# value asks once for a fallback (re-clone and adapter replay) or a deep check of the checkpoint.
+FALLBACK_ANNOTATION = f"{GROUP}/fallback-requested"
+VERIFY_ANNOTATION = f"{GROUP}/verify-requested"
+
 MERGE_SERVICE_ACCOUNT = "privatefm-merge"
 # A run's store credentials: a Secret owned by its Job. A scheduled run's pod template is fixed by
 # the CronJob, so its Secret name is too (concurrencyPolicy Forbid: one scheduled run at a time);
@@ -54,3 +59,13 @@ def learner_labels(lns_name: str, learner_id: str, uid: str) -> dict[str, str]:
 def run_secret(run: str) -> str:
     """The Secret holding manual run ``run``'s store credentials."""
     return f"privatefm-run.{run}"
+
+
+def fallback_merge(recovery_id: int, attempt: int) -> str:
+    """The AdapterMerge of a fallback's attempt: deterministic, so a restart never doubles it."""
+    return f"fallback-{recovery_id}-{attempt + 1}"
+
+
+def verify_job(version: int, check: int) -> str:
+    """The deep-check Job of checkpoint ``version``; ``check`` counts deep checks of the learner."""
+    return f"verify-v{version}-{check}"

@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     quota_memory: str = Field(default="128Gi")
 
     # Behaviour
-    max_version_lag: int = Field(default=3, ge=0)
+    max_version_lag: int = Field(default=3, ge=0, description="A learner further behind the base falls back")
+    fallback_retry_limit: int = Field(default=3, ge=1, description="Fallback merges tried before Stalled")
+    fallback_backoff_seconds: float = Field(default=60.0, gt=0, description="Delay after the first failed "
+                                                                           "fallback; doubles after each")
+    integrity_check_seconds: float = Field(default=3600.0, gt=0, description="Cheap check interval per learner "
+                                                                            "(staggered)")
+    deep_check_seconds: float = Field(default=7 * 86400.0, gt=0, description="Deep check (verify Job) interval "
+                                                                             "per learner (staggered)")
+    cleanup_cron: str = Field(default="0 4 * * 0", description="When retention prunes old checkpoints (UTC)")
     resync_seconds: float = Field(default=60.0, gt=0, description="How often drift is repaired")
     http_port: int = Field(default=8080, description="/metrics, /healthz, /readyz")

@@ -370,10 +370,12 @@ class MergeReconciler:
 
     def merge_job(self, learner: Learner, status: AdapterMergeStatus) -> contract.MergeJob:
         model, storage = learner.spec.base_model.name, self.clients.storage
-        assert status.base_version is not None and status.adapter_seq is not None and status.target_version
+        assert status.base_version is not None and status.target_version
+        seqs = status.adapter_seqs if status.adapter_seqs is not None else [status.adapter_seq]
         return contract.MergeJob(
             base_uri=storage.uri(layout.base_prefix(model, status.base_version)),
-            adapter_uri=storage.uri(layout.adapter_prefix(learner.ns_uid, status.adapter_seq)),
+            adapters=tuple(contract.AdapterRef(seq, storage.uri(layout.adapter_prefix(learner.ns_uid, seq)))
+                           for seq in seqs if seq is not None),
             output_uri=storage.uri(layout.checkpoint_prefix(learner.ns_uid, status.target_version)),
             base_model=model, base_version=status.base_version, parent_version=status.parent_version,
             target_version=status.target_version)
