@@ -47,7 +47,16 @@ from privatefm_merge.adapter_log import SIDECAR_NAME, AdapterMode, check_order, 
 from privatefm_merge.clock import rfc3339
 from privatefm_merge.contract import Reason
 from privatefm_merge.errors import MergeError, NotFoundError, StorageError
-from privatefm_merge.lora_math import LoraDelta, NonFiniteError, Workspace, merge_loras_, resolve_device, tensor_view
+from privatefm_merge.lora_math import (
+    DEFAULT_BLOCK_ELEMENTS,
+    ROW_ALIGN,
+    Fold,
+    LoraDelta,
+    NonFiniteError,
+    Workspace,
+    resolve_device,
+    tensor_view,
+)
 from privatefm_merge.manifest import (
     AdapterInfo,
     BaseInfo,
@@ -65,6 +74,7 @@ from privatefm_merge.safetensors_io import (
     SINGLE_NAME,
     SafetensorsError,
     SafetensorsHeader,
+    TensorInfo,
     parse_index,
     read_header,
 )
@@ -97,7 +107,8 @@ class MergeOptions:
     # None: from each adapter directory's name when it is an integer, else its position.
     adapter_seqs: Sequence[int] | None = None
     block_elements: int | None = None  # None: a default per device
-    compute_threads: int | None = None  # CPU threads for the math; None: all cores but one (min 2)
+    compute_threads: int | None = None  # threads merging chunks side by side; None: cores - 1 (2..8)
+    chunk_bytes: int = COPY_CHUNK  # adapted tensors are merged in chunks of whole rows of about this size
     part_size: int = DEFAULT_PART_SIZE
     progress: ProgressFn | None = None
 
@@ -322,9 +333,10 @@ class _BufferPool:
 
 
 class _BackgroundWriter:
-    """Hashes on one thread and writes on another, so that both overlap reading and merging
-    (on a 2-core machine the three stages balance better than two). Each queued view is handed
-    back (``done``) once written; the buffer pools bound how much is in flight."""
+    """Hashes on one thread and writes on another, so that both overlap reading and merging.
+    Items are views, or futures of views being merged on the compute threads; both stages take
+    them in order. Each queued view is handed back (``done``) once written; the buffer pools
+    bound how much is in flight."""
 
     _STOP = object()
 
@@ -345,19 +357,29 @@ class _BackgroundWriter:
     def _stage(self, source: queue.Queue[Any], work: Callable[[Any], None], sink: queue.Queue[Any] | None) -> None:
         while True:
             item = source.get()
-            if item is not self._STOP and self._error is None:
+            if item is self._STOP:
+                if sink is not None:
+                    sink.put(item)
+                return
+            data, done = item
+            if isinstance(data, Future):  # a chunk still being merged on a compute thread: in order
                 try:
-                    work(item[0])
+                    data = data.result()
+                except BaseException as err:
+                    self._error = self._error or err
+            if self._error is None:
+                try:
+                    work(data)
                 except BaseException as err:
                     self._error = err
             if sink is not None:
-                sink.put(item)
-            elif item is not self._STOP and item[1] is not None:
-                item[1]()  # give the buffer back (after a failure too: the producer must not wait forever)
-            if item is self._STOP:
-                return
+                sink.put((data, done))
+            elif done is not None:
+                done()  # give the buffer back (after a failure too: the producer must not wait forever)
 
-    def write(self, data: bytes | memoryview, done: Callable[[], None] | None = None) -> None:
+    def write(self, data: bytes | memoryview | Future[memoryview], done: Callable[[], None] | None = None) -> None:
+        """Queue ``data`` (or the future result of merging it) to be hashed and written, in order;
+        ``done`` runs once it has been written, or dropped after a failure."""
         if self._error is not None:
             raise self._error
         self._to_hash.put((data, done))
@@ -430,6 +452,19 @@ class _AdapterPrefetch:
 
 
 class _Merger:
+    """Streams the shards through the pipeline
+
+        main thread: read a chunk ──► compute threads: merge it ──► hash thread ──► write thread
+
+    Each adapted tensor is split into chunks of whole rows (a multiple of 64, about
+    ``COPY_CHUNK`` bytes), merged independently on a small pool of compute threads (torch
+    releases the GIL; each merge runs single-threaded, so no thread waits at another's barrier),
+    and hashed and written in order while the next chunks are read and merged. Memory: the
+    chunk buffers, a float32 scratch block per compute thread, and the adapter tensors of the
+    few base tensors being merged. Tensors stored transposed (``fan_in_fan_out``) are merged
+    whole, one or two at a time.
+    """
+
     def __init__(self, plan: _Plan, base: Store, out: Store, options: MergeOptions) -> None:
         self.plan = plan
         self.base = base
@@ -437,12 +472,16 @@ class _Merger:
         self.options = options
         self.device = resolve_device(options.device)
         self.block_elements = options.block_elements or (
-            64 * MiB if self.device.type == "cuda" else 4 * MiB)
+            64 * MiB if self.device.type == "cuda" else DEFAULT_BLOCK_ELEMENTS)
+        cores = len(os.sched_getaffinity(0))
+        # On the CPU, every core but one (which reads, hashes and writes), and at least two; on a
+        # GPU, two threads keep it fed while the host copies.
+        self.workers = options.compute_threads or (min(8, max(2, cores - 1)) if self.device.type == "cpu" else 2)
         self.written: list[FileDigest] = []
-        self.chunks = _BufferPool(4)  # copied bytes, COPY_CHUNK each
-        self.tensors = _BufferPool(2)  # adapted tensors: one being merged, one being written
-        self.workspace = Workspace()
-        self.compute_seconds = 0.0
+        self.chunks = _BufferPool(self.workers + 4)  # about COPY_CHUNK each: being merged, queued, hashed, written
+        self.tensors = _BufferPool(2)  # whole (transposed) adapted tensors: one being merged, one written
+        self.local = threading.local()  # a float32 scratch Workspace per compute thread
+        self.compute_seconds = 0.0  # summed over the compute threads
         self.read_seconds = 0.0
         self.bytes_done = 0
         self.total_bytes = sum(s.header.file_size for s in plan.shards)
@@ -452,17 +491,51 @@ class _Merger:
         if self.options.progress is not None:
             self.options.progress(event, fields)
 
-    def _merge_tensor(self, buffer: memoryview, name: str, dtype: str, shape: tuple[int, ...]) -> None:
-        plans = self.plan.tensors[name]
-        deltas = self.prefetch.get(name)
+    def _merge(self, view: memoryview, fold: Fold, name: str, dtype: str, shape: tuple[int, ...],
+               first_row: int, fan_in_fan_out: bool) -> memoryview:
+        """On a compute thread: fold into the rows held in ``view``; returns ``view``."""
         started = time.perf_counter()
+        workspace = getattr(self.local, "workspace", None)
+        if workspace is None:
+            workspace = self.local.workspace = Workspace()
         try:
-            merge_loras_(tensor_view(buffer, dtype, shape), deltas, fan_in_fan_out=plans[0][1].fan_in_fan_out,
-                         device=self.device, block_elements=self.block_elements, workspace=self.workspace)
+            fold.apply_(tensor_view(view, dtype, shape), first_row=first_row, fan_in_fan_out=fan_in_fan_out,
+                        block_elements=self.block_elements, workspace=workspace)
         except NonFiniteError as err:
-            raise MergeError(Reason.NON_FINITE_RESULT,
-                             f"merging {plans[0][1].module} into {name}: {err}") from None
-        self.compute_seconds += time.perf_counter() - started
+            module = self.plan.tensors[name][0][1].module
+            raise MergeError(Reason.NON_FINITE_RESULT, f"merging {module} into {name}: {err}") from None
+        finally:
+            self.compute_seconds += time.perf_counter() - started
+        return view
+
+    def _merge_tensor(self, stream: ReadStream, writer: _BackgroundWriter, info: TensorInfo) -> None:
+        fan_in_fan_out = self.plan.tensors[info.name][0][1].fan_in_fan_out
+        fold = Fold(self.prefetch.get(info.name), self.device)
+        if fan_in_fan_out:  # stored [in, out]: an output row is not contiguous, so the tensor goes whole
+            self._submit(stream, writer, self.tensors, info, fold, info.nbytes, info.shape, 0, True)
+            return
+        rows, columns = info.shape
+        row_bytes = info.nbytes // max(1, rows)
+        rows_per_chunk = max(ROW_ALIGN, self.options.chunk_bytes // max(1, row_bytes) // ROW_ALIGN * ROW_ALIGN)
+        for first in range(0, rows, rows_per_chunk):
+            count = min(rows_per_chunk, rows - first)
+            self._submit(stream, writer, self.chunks, info, fold, count * row_bytes, (count, columns), first, False)
+
+    def _submit(self, stream: ReadStream, writer: _BackgroundWriter, pool: _BufferPool, info: TensorInfo,
+                fold: Fold, size: int, shape: tuple[int, ...], first_row: int, fan_in_fan_out: bool) -> None:
+        """Read the next ``size`` bytes (rows of a tensor) and queue their merge, then their hashing
+        and writing."""
+        buffer = pool.take(size)
+        view = memoryview(buffer)[:size]
+        try:
+            self._read(stream, view)
+            future = self.compute.submit(self._merge, view, fold, info.name, info.dtype, shape, first_row,
+                                         fan_in_fan_out)
+        except BaseException:
+            pool.give(buffer)
+            raise
+        writer.write(future, functools.partial(pool.give, buffer))
+        self.bytes_done += size
 
     def _stream_shard(self, shard: _Shard) -> FileDigest:
         header = shard.header
@@ -477,19 +550,10 @@ class _Merger:
             position = 0
             for info in header.tensors.values():
                 self._copy(stream, writer, info.begin - position)  # gaps, if any
-                if info.name not in self.plan.tensors:
-                    self._copy(stream, writer, info.nbytes)
+                if info.name in self.plan.tensors:
+                    self._merge_tensor(stream, writer, info)
                 else:
-                    buffer = self.tensors.take(info.nbytes)
-                    view = memoryview(buffer)[: info.nbytes]
-                    try:
-                        self._read(stream, view)
-                        self._merge_tensor(view, info.name, info.dtype, info.shape)
-                    except BaseException:
-                        self.tensors.give(buffer)
-                        raise
-                    writer.write(view, functools.partial(self.tensors.give, buffer))
-                    self.bytes_done += info.nbytes
+                    self._copy(stream, writer, info.nbytes)
                 position = info.end
             if stream.read(1):
                 raise StorageError(f"base shard {shard.name} is longer than its header describes")
@@ -539,16 +603,14 @@ class _Merger:
 
     def run(self) -> list[FileDigest]:
         threads = torch.get_num_threads()
-        if self.device.type == "cpu":
-            # Leave a core to the threads that hash and write, except on the smallest machines,
-            # where (measured on 2 cores) the math still gains from both.
-            cores = len(os.sched_getaffinity(0))
-            torch.set_num_threads(self.options.compute_threads or (cores if cores <= 2 else cores - 1))
+        torch.set_num_threads(1)  # each compute thread merges single-threaded; they run side by side
         order = [name for shard in self.plan.shards for name in shard.header.tensors if name in self.plan.tensors]
         self.prefetch = _AdapterPrefetch(self.plan, order)
+        self.compute = ThreadPoolExecutor(self.workers, thread_name_prefix="merge")
         try:
             return self._run()
         finally:
+            self.compute.shutdown(wait=True, cancel_futures=True)
             self.prefetch.close()
             torch.set_num_threads(threads)
 

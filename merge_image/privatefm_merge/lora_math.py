@@ -31,7 +31,7 @@ TORCH_DTYPES = {
     "F32": torch.float32,
     "F64": torch.float64,
 }
-DEFAULT_BLOCK_ELEMENTS = 4 * 1024 * 1024  # float32 elements per block (16 MiB) on the CPU
+DEFAULT_BLOCK_ELEMENTS = 256 * 1024  # float32 elements per block (1 MiB: stays in a CPU core's cache)
 ROW_ALIGN = 64
 
 
@@ -134,51 +134,69 @@ def _steps(deltas: Sequence[LoraDelta], device: torch.device) -> list[_Step]:
     return steps
 
 
-def merge_loras_(weight: torch.Tensor, deltas: Sequence[LoraDelta], *, fan_in_fan_out: bool = False,
-                 device: torch.device | None = None, block_elements: int = DEFAULT_BLOCK_ELEMENTS,
-                 workspace: Workspace | None = None) -> None:
-    """Fold several adapters' deltas into ``weight`` in place, in order, in one pass over it.
+class Fold:
+    """Several adapters' deltas for one weight, prepared once (float32, on the device), then
+    applied to the whole weight or to blocks of its rows (:meth:`apply_`).
 
-    ``weight`` is a float16/bfloat16/float32 CPU tensor; the adapter tensors any float dtype.
     The weight stays in float32 from one delta to the next and is rounded to its dtype once, at
     the end; each DoRA delta normalises the float32 weight the deltas before it produced. With
     one delta this is exactly PEFT's ``merge_and_unload``; with several it equals PEFT applying
     them one after another in float32 and casting once (up to float32 rounding), and differs
-    from PEFT rounding to the base dtype after every adapter by at most about one unit in the
-    last place per adapter. Raises ``NonFiniteError`` if a merged value is NaN or infinite
-    (``weight`` is then partly merged and must be discarded).
+    from PEFT rounding to the base dtype after every adapter by about one unit in the last place
+    per adapter at most.
     """
-    device = device or torch.device("cpu")
-    workspace = workspace or Workspace()
-    rows_view = weight.t() if fan_in_fan_out else weight  # [out, in] either way
-    out_features, in_features = rows_view.shape
-    steps = _steps(deltas, device)
-    # Blocks of a multiple of 64 rows: BLAS kernels then compute each row exactly as they do in
-    # PEFT's single whole-matrix product (odd-sized row blocks take other code paths whose
-    # rounding differs in the last bit).
-    rows_per_block = max(ROW_ALIGN, block_elements // max(1, in_features) // ROW_ALIGN * ROW_ALIGN)
-    rows_per_block = min(rows_per_block, out_features)
-    for start in range(0, out_features, rows_per_block):
-        stop = min(out_features, start + rows_per_block)
-        target = rows_view[start:stop]
-        if fan_in_fan_out:  # keep the stored [in, out] memory order, as PEFT's transposed view does
-            merged = workspace.get("merged", in_features, stop - start, device).t()
-        else:
-            merged = workspace.get("merged", stop - start, in_features, device)
-        merged.copy_(target)  # to float32 (and to the device)
-        for step in steps:
-            if step.prescaled:  # merged += B_s @ A in one BLAS call
-                merged.addmm_(step.b[start:stop], step.a)
+
+    def __init__(self, deltas: Sequence[LoraDelta], device: torch.device | None = None) -> None:
+        self.device = device or torch.device("cpu")
+        self.steps = _steps(deltas, self.device)
+
+    def apply_(self, rows: torch.Tensor, *, first_row: int = 0, fan_in_fan_out: bool = False,
+               block_elements: int = DEFAULT_BLOCK_ELEMENTS, workspace: Workspace | None = None) -> None:
+        """Fold into ``rows`` in place: output rows ``first_row …`` of the weight (all of them by
+        default), a float16/bfloat16/float32 CPU tensor, ``[rows, in]`` (or ``[in, rows]`` with
+        ``fan_in_fan_out``). ``first_row`` must be a multiple of 64 for PEFT-exact results.
+        Raises ``NonFiniteError`` if a merged value is NaN or infinite (``rows`` is then partly
+        merged and must be discarded)."""
+        device = self.device
+        workspace = workspace or Workspace()
+        rows_view = rows.t() if fan_in_fan_out else rows  # [out, in] either way
+        out_features, in_features = rows_view.shape
+        # Blocks of a multiple of 64 rows: BLAS kernels then compute each row exactly as they do in
+        # PEFT's single whole-matrix product (odd-sized row blocks take other code paths whose
+        # rounding differs in the last bit).
+        rows_per_block = max(ROW_ALIGN, block_elements // max(1, in_features) // ROW_ALIGN * ROW_ALIGN)
+        rows_per_block = min(rows_per_block, out_features)
+        for start in range(0, out_features, rows_per_block):
+            stop = min(out_features, start + rows_per_block)
+            first, last = first_row + start, first_row + stop  # in the whole weight: B's rows
+            target = rows_view[start:stop]
+            if fan_in_fan_out:  # keep the stored [in, out] memory order, as PEFT's transposed view does
+                merged = workspace.get("merged", in_features, stop - start, device).t()
             else:
-                delta = workspace.get("delta", stop - start, in_features, device)
-                torch.mm(step.b[start:stop], step.a, out=delta)
-                delta.mul_(step.scaling)
-                merged.add_(delta)
-            if step.magnitude is not None:
-                norm = torch.linalg.norm(merged, dim=1)
-                merged.mul_((step.magnitude[start:stop] / norm).view(-1, 1))
-        target.copy_(merged)  # rounds to the weight's dtype
-        _check_finite(target, start)
+                merged = workspace.get("merged", stop - start, in_features, device)
+            merged.copy_(target)  # to float32 (and to the device)
+            for step in self.steps:
+                if step.prescaled:  # merged += B_s @ A in one BLAS call
+                    merged.addmm_(step.b[first:last], step.a)
+                else:
+                    delta = workspace.get("delta", stop - start, in_features, device)
+                    torch.mm(step.b[first:last], step.a, out=delta)
+                    delta.mul_(step.scaling)
+                    merged.add_(delta)
+                if step.magnitude is not None:
+                    norm = torch.linalg.norm(merged, dim=1)
+                    merged.mul_((step.magnitude[first:last] / norm).view(-1, 1))
+            target.copy_(merged)  # rounds to the weight's dtype
+            _check_finite(target, first)
+
+
+def merge_loras_(weight: torch.Tensor, deltas: Sequence[LoraDelta], *, fan_in_fan_out: bool = False,
+                 device: torch.device | None = None, block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+                 workspace: Workspace | None = None) -> None:
+    """Fold several adapters' deltas into ``weight`` in place, in order, in one pass over it
+    (see :class:`Fold`)."""
+    Fold(deltas, device).apply_(weight, fan_in_fan_out=fan_in_fan_out, block_elements=block_elements,
+                                workspace=workspace)
 
 
 def merge_lora_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, *,

@@ -73,9 +73,10 @@ def test_matches_peft_merge_and_unload(tmp_path: Path, arch: str, variant: str, 
         saved = load_file(str(tmp_path / "adapter/adapter_model.safetensors"))
         assert {t.shape[0] for k, t in saved.items() if k.endswith("lora_A.weight")} == {8, 4, 2}
 
-    # Small blocks, so the row-blocked path is exercised on these tiny tensors.
+    # Small blocks and chunks (64 rows), so the row-blocked and chunked paths are exercised on
+    # these tiny tensors.
     summary = merge_checkpoint(str(base_dir), str(tmp_path / "adapter"), str(tmp_path / "out"),
-                               MergeOptions(device="cpu", block_elements=64 * 64))
+                               MergeOptions(device="cpu", block_elements=64 * 64, chunk_bytes=1))
     reference = peft_model.merge_and_unload().state_dict()
     ours = read_tensors(tmp_path / "out")
 
