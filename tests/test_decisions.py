@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from privatefm_merge.contract import MergeJob, MergeResult
+from privatefm_merge.contract import AdapterRef, MergeJob, MergeResult
 from privatefm_operator import builders, conditions, decisions, naming
 from privatefm_operator.api import (
     Checkpoint,
@@ -382,7 +382,8 @@ def test_cronjob_follows_the_spec() -> None:
 
 def test_job_parameters_reach_the_merge_contract_through_the_downward_api() -> None:
     """Builder annotations + fieldRef env, resolved as the kubelet would, give back the same MergeJob."""
-    job = MergeJob(base_uri="s3://b/base/tiny-llama/v1", adapter_uri="s3://b/learners/x/adapters/3",
+    job = MergeJob(base_uri="s3://b/base/tiny-llama/v1",
+                   adapters=(AdapterRef(2, "s3://b/learners/x/adapters/2"), AdapterRef(3, "s3://b/learners/x/adapters/3")),
                    output_uri="s3://b/learners/x/checkpoints/v7", base_model="tiny-llama", base_version=1,
                    parent_version=6, target_version=7, device="cpu")
     annotations = builders.job_params(job)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import itertools
 import json
 import os
 import signal
@@ -112,7 +113,8 @@ def operator(kube: Kube, s3: S3Info, operator_kubeconfig: Path, base_model: str,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     proc = OperatorProcess(operator_kubeconfig, s3, tmp_path_factory.mktemp("operator") / "operator.log",
                            merge_gpus="0", resync_seconds="2", merge_image="privatefm/merge:test",
-                           store_timeout_seconds="1", store_grace_seconds="8")
+                           store_timeout_seconds="1", store_grace_seconds="8", integrity_check_seconds="3",
+                           fallback_backoff_seconds="5")
     proc.start()
     yield proc
     proc.stop()
@@ -148,8 +150,16 @@ class LearnerHandle:
             return am if (am.get("status") or {}).get("phase") in ("Succeeded", "Failed") else None
         return dict(wait_for(done, timeout, f"AdapterMerge {name} to finish"))
 
-    def publish_adapter(self, seq: int, corrupt: bool = False) -> None:
-        seed.publish_adapter(self.s3.client(), self.s3.bucket, self.ns_uid, seq, seed=seq, corrupt=corrupt)
+    def publish_adapter(self, seq: int, corrupt: bool = False, mode: str | None = None) -> None:
+        seed.publish_adapter(self.s3.client(), self.s3.bucket, self.ns_uid, seq, seed=seq, corrupt=corrupt,
+                             mode=mode)
+
+    def manifest(self, version: int) -> dict[str, Any]:
+        key = f"{layout.checkpoint_prefix(self.ns_uid, version)}/{layout.MANIFEST_NAME}"
+        return dict(json.loads(self.s3.client().get_object(Bucket=self.s3.bucket, Key=key)["Body"].read()))
+
+    def wait_status(self, predicate: Callable[[dict[str, Any]], Any], what: str, timeout: float = 120) -> Any:
+        return wait_for(lambda: predicate(self.status()), timeout, what)
 
     def approve_deletion(self, guardian: str = GUARDIAN) -> None:
         self.kube.kubectl("annotate", "--overwrite", "lns", self.name, f"{APPROVAL}={guardian}",
@@ -918,3 +928,176 @@ def test_crd_reinstall_with_twenty_learners_keeps_every_learner(kube: Kube, oper
     assert status["phase"] == "Succeeded" and status["targetVersion"] == 2
     for handle in handles:
         handle.delete()
+
+
+# ---- self-healing: integrity checks, fallback, adapter log -------------------------------------
+def new_learner(kube: Kube, s3: S3Info, name: str, learner_id: str, **spec: Any) -> LearnerHandle:
+    body = yaml.safe_load((REPO / "manifests" / "samples" / "learnernamespace-minimal.yaml").read_text())
+    body["metadata"]["name"], body["spec"]["learnerId"], body["spec"]["deletionDelay"] = name, learner_id, "2s"
+    body["spec"].update(spec)
+    kube.kubectl("apply", "-f", "-", input=json.dumps(body))
+    kube.kubectl("wait", "--for=condition=Ready", f"lns/{name}", "--timeout=60s")
+    status = get(kube, "lns", name)["status"]
+    return LearnerHandle(kube, s3, name, learner_id, status["namespace"], status["nsUid"])
+
+
+def event_times(handle: LearnerHandle, reasons: list[str], since: str) -> list[str]:
+    """When each of ``reasons`` was first reported for the learner at or after ``since`` (RFC 3339,
+    one-second resolution); "" for one that never was."""
+    def first(reason: str) -> str:
+        times = [e.get("firstTimestamp") or e.get("eventTime") or "" for e in handle.events(reason)]
+        return min((t for t in times if t >= since), default="")
+    return [first(r) for r in reasons]
+
+
+def shard_digests(manifest: dict[str, Any]) -> dict[str, str]:
+    return {f["name"]: f["sha256"] for f in manifest["files"]}
+
+
+def corrupt(s3: S3Info, prefix: str, how: str) -> str:
+    """Damages the checkpoint at ``prefix`` as a failing disk or a careless person would; returns
+    the file it damaged."""
+    client = s3.client()
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket, Prefix=f"{prefix}/")["Contents"])
+    shard = next(k for k in keys if k.endswith(".safetensors"))
+    if how == "manifest":
+        client.delete_object(Bucket=s3.bucket, Key=f"{prefix}/{layout.MANIFEST_NAME}")
+        return layout.MANIFEST_NAME
+    if how == "delete":
+        client.delete_object(Bucket=s3.bucket, Key=shard)
+    else:
+        data = bytearray(client.get_object(Bucket=s3.bucket, Key=shard)["Body"].read())
+        if how == "truncate":
+            del data[len(data) // 2:]
+        else:  # flip one byte, same size
+            data[len(data) - 7] ^= 0x01
+        client.put_object(Bucket=s3.bucket, Key=shard, Body=bytes(data))
+    return shard.rsplit("/", 1)[-1]
+
+
+@pytest.mark.parametrize(("how", "reason"), [("truncate", "SizeMismatch"), ("delete", "FileMissing"),
+                                              ("manifest", "ManifestMissing")])
+def test_a_damaged_checkpoint_is_detected_named_and_rebuilt_from_the_adapter_log(
+        learner: LearnerHandle, s3: S3Info, how: str, reason: str) -> None:
+    learner.publish_adapter(2, mode="incremental")
+    learner.request_merge("first")
+    first = learner.wait_merge("first")["status"]
+    assert first["phase"] == "Succeeded" and first["adapterSeqs"] == [1, 2]
+    since = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    damaged = corrupt(s3, layout.checkpoint_prefix(learner.ns_uid, 1), how)
+
+    # The cheap check (every 3 s here) finds it, names it, and takes v1 out of currentCheckpoint.
+    integrity = learner.wait_status(lambda s: (s.get("integrity") or {}).get("failedVersion") == 1
+                                    and s["integrity"], f"the {how} to be detected", timeout=60)
+    assert (integrity["reason"], integrity["file"]) == (reason, damaged)
+    # The fallback replays the adapter log into a new verified version.
+    status = learner.wait_status(lambda s: (s.get("currentCheckpoint") or {}).get("version", 0) > 1 and s,
+                                 "the fallback to produce a new version", timeout=120)
+    recovery = status["recovery"]
+    assert recovery["reason"] == "Corruption" and recovery["completedAt"] and recovery["attempts"] == 0
+    fallback = learner.merge(recovery["merge"])
+    assert fallback["spec"]["trigger"] == "Fallback"
+    assert fallback["status"]["adapterSeqs"] == [1, 2] and fallback["status"]["phase"] == "Succeeded"
+    replayed = status["currentCheckpoint"]
+    assert replayed["adapterSeqs"] == [1, 2] and "failedVersion" not in (status.get("integrity") or {})
+    learner.wait_status(lambda s: s["phase"] == "Ready", "the learner to be Ready again")
+    detected, initiated, completed = event_times(
+        learner, ["CorruptionDetected", "FallbackInitiated", "FallbackCompleted"], since)
+    assert "" < detected <= initiated < completed  # a merge lies between the last two
+    degraded = learner.events("CorruptionDetected")[-1]["message"]
+    assert reason in degraded and damaged in degraded
+
+    # The replay is the same bytes as a fresh merge of the same log on the same base.
+    learner.request_merge("fresh")
+    fresh = learner.wait_merge("fresh")["status"]["checkpoint"]
+    assert shard_digests(learner.manifest(fresh["version"])) == shard_digests(learner.manifest(replayed["version"]))
+    assert learner.manifest(replayed["version"])["adapterSeqs"] == [1, 2]
+
+
+def test_three_incremental_adapters_are_folded_in_one_run(kube: Kube, s3: S3Info, operator: OperatorProcess,
+                                                          uid: str) -> None:
+    handle = new_learner(kube, s3, f"incr-{uid}", f"i{uid}")
+    try:
+        for seq in (1, 2, 3):
+            handle.publish_adapter(seq, mode="incremental")
+        handle.request_merge("all")
+        status = handle.wait_merge("all")["status"]
+        assert status["phase"] == "Succeeded" and status["adapterSeqs"] == [1, 2, 3]
+        assert handle.manifest(status["targetVersion"])["adapterSeqs"] == [1, 2, 3]
+        # A cumulative adapter replaces what came before it.
+        handle.publish_adapter(4)
+        handle.publish_adapter(5, mode="incremental")
+        handle.request_merge("after-cumulative")
+        assert handle.wait_merge("after-cumulative")["status"]["adapterSeqs"] == [4, 5]
+    finally:
+        handle.delete()
+
+
+def test_lag_beyond_three_versions_falls_back_unless_pinned(kube: Kube, s3: S3Info, operator: OperatorProcess,
+                                                            uid: str) -> None:
+    model = f"lag-{uid}"
+    publisher = s3.publisher.client(retries=3)
+    seed.publish_base(publisher, s3.bucket, model=model, version=1)
+    spec = {"baseModel": {"name": model}}
+    free = new_learner(kube, s3, f"lag-{uid}", f"g{uid}", **spec)
+    pinned = new_learner(kube, s3, f"pin-{uid}", f"p{uid}", baseModel={"name": model, "version": 1})
+    try:
+        for handle in (free, pinned):
+            handle.publish_adapter(1)
+            handle.request_merge("first")
+            assert handle.wait_merge("first")["status"]["phase"] == "Succeeded"
+        for version in (2, 3, 4):
+            seed.publish_base(publisher, s3.bucket, model=model, version=version)
+        free.wait_status(lambda s: s.get("versionLag") == 3, "lag 3", timeout=60)
+        time.sleep(8)  # a few resyncs: lag 3 is within maxVersionLag
+        status = free.status()
+        assert status.get("recovery") is None and status["currentCheckpoint"]["baseVersion"] == 1
+        assert status["phase"] == "Ready"
+
+        seed.publish_base(publisher, s3.bucket, model=model, version=5)
+        status = free.wait_status(lambda s: (s.get("currentCheckpoint") or {}).get("baseVersion") == 5 and s,
+                                  "the lagging learner to fall back to v5", timeout=120)
+        assert status["recovery"]["reason"] == "VersionLag" and status["versionLag"] == 0
+        assert status["currentCheckpoint"]["adapterSeqs"] == [1]
+        assert free.events("FallbackInitiated") and free.events("FallbackCompleted")
+        pinned_status = pinned.wait_status(lambda s: s.get("versionLag") == 4 and s, "the pinned lag to show")
+        time.sleep(6)
+        pinned_status = pinned.status()
+        assert pinned_status.get("recovery") is None and pinned_status["currentCheckpoint"]["baseVersion"] == 1
+        assert pinned_status["versionLag"] == 4
+    finally:
+        free.delete()
+        pinned.delete()
+
+
+def test_a_fallback_that_always_fails_backs_off_then_stalls(learner: LearnerHandle) -> None:
+    learner.publish_adapter(2, corrupt=True)  # a cumulative adapter that never fits the base
+    learner.kube.kubectl("annotate", "--overwrite", "lns", learner.name, "privatefm.io/fallback-requested=try-1")
+    status = learner.wait_status(lambda s: (s.get("recovery") or {}).get("failedAt") and s,
+                                 "the fallback to give up", timeout=180)
+    assert status["recovery"]["attempts"] == 3 and status["recovery"]["reason"] == "Requested"
+    stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", "FallbackFailed") and status["phase"] == "Failed"
+    merges = [learner.merge(f"fallback-1-{n}") for n in (1, 2, 3)]
+    assert [m["status"]["phase"] for m in merges] == ["Failed"] * 3
+    assert {m["status"]["reason"] for m in merges} == {"ShapeMismatch"}
+    created = [datetime.fromisoformat(m["metadata"]["creationTimestamp"].replace("Z", "+00:00")) for m in merges]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(created)]
+    assert gaps[0] >= 5 and gaps[1] >= 10 and gaps[1] > gaps[0], gaps  # 5 s, then 10 s, after each failure
+    assert len(learner.events("FallbackFailed")) == 1 and len(learner.events("FallbackRetrying")) == 2
+    assert learner.merge("fallback-1-4") == {}
+    # A new request starts over.
+    learner.kube.kubectl("annotate", "--overwrite", "lns", learner.name, "privatefm.io/fallback-requested=try-2")
+    learner.wait_status(lambda s: (s.get("recovery") or {}).get("id") == 2, "a new fallback to start")
+
+
+def test_nothing_ever_writes_under_base(s3: S3Info, base_model: str, operator: OperatorProcess) -> None:
+    """Runs last in this module (which merged, fell back and re-cloned many times): every object
+    under base/ is byte-identical to what its publisher wrote, which the publisher sealed with sha256."""
+    store = S3Store(s3.client(), s3.bucket, layout.BASE_ROOT)
+    manifests = [info.name for info in store.list_files() if info.name.endswith(f"/{layout.MANIFEST_NAME}")]
+    assert manifests
+    for name in manifests:
+        version_dir = name.rsplit("/", 1)[0]
+        for entry in json.loads(store.read_bytes(name))["files"]:
+            assert store.digest(f"{version_dir}/{entry['name']}").sha256 == entry["sha256"], (version_dir, entry)

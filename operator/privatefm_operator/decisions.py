@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from privatefm_merge.adapter_log import AdapterMode, fold
 from privatefm_merge.contract import MergeResult
 
 from privatefm_operator import conditions, naming
@@ -16,9 +17,11 @@ from privatefm_operator.api import (
     DeletionStatus,
     Guardian,
     GuardianKind,
+    IntegrityStatus,
     LearnerNamespaceStatus,
     LearnerPhase,
     MergePhase,
+    RecoveryStatus,
 )
 
 
@@ -86,7 +89,12 @@ def advance_checkpoint(status: LearnerNamespaceStatus, checkpoint: Checkpoint,
     current = trusted.version if trusted else None
     if not should_advance(current, checkpoint.version):
         return status
-    return status.model_copy(update={"current_checkpoint": checkpoint})
+    update: dict[str, Any] = {"current_checkpoint": checkpoint}
+    integrity = status.integrity
+    if integrity is not None and integrity.failed_version is not None and checkpoint.version > integrity.failed_version:
+        update["integrity"] = integrity.model_copy(update={  # a newer verified version heals it
+            "failed_version": None, "reason": None, "file": None, "message": None})
+    return status.model_copy(update=update)
 
 
 # ---- the learner's observed state ------------------------------------------------------------
@@ -182,9 +190,16 @@ def learner_status(facts: LearnerFacts, old: LearnerNamespaceStatus) -> LearnerN
     | the spec is invalid                    | Failed   | False | True    | InvalidSpec        |
     | the namespace is another's             | Failed   | False | True    | LearnerIdInUse / NamespaceConflict |
     | the base model is missing              | Failed   | False | True    | BaseModelNotFound  |
+    | a fallback gave up                     | Failed   | False | True    | FallbackFailed     |
+    | a fallback is under way                | Recovering | False | False | Corruption / VersionLag / Requested |
     | the store unreachable past the grace   | Degraded | False | False   | StoreUnreachable   |
+    | the checkpoint failed a check          | Degraded | False | False   | the check's reason (*) |
     | the checkpoint lags too far            | Degraded | True  | False   | CheckpointVerified |
     | otherwise                              | Ready    | True  | False   | CheckpointVerified / Provisioned |
+
+    (*) ChecksumMismatch, SizeMismatch, FileMissing or ManifestMissing. Degraded names the failed
+    check (reason and file) before the lag; Recovering is True while a
+    fallback is under way.
     """
     gen, at = facts.generation, facts.now
     old = recovered(old, facts.history, facts.checkpoints_uri)
@@ -203,23 +218,47 @@ def learner_status(facts: LearnerFacts, old: LearnerNamespaceStatus) -> LearnerN
     lag = version_lag(latest, current.base_version if current else None)
     degraded = lag is not None and lag > facts.max_lag
     store_down = bool(facts.store_problem) and at - unavailable_since(old, at) >= facts.store_grace
+    integrity, recovery = old.integrity, old.recovery
+    corrupt = integrity is not None and integrity.failed_version is not None
+    reconciling = False
     if facts.base_problem:
         phase, ready, stalled, reason, message = (LearnerPhase.FAILED, False, True, "BaseModelNotFound",
                                                   facts.base_problem)
+    elif recovery is not None and recovery.failed_at is not None:
+        phase, ready, stalled, reason = LearnerPhase.FAILED, False, True, "FallbackFailed"
+        message = (f"fallback {recovery.id} ({recovery.reason}) gave up after {recovery.attempts} failed merges; "
+                   "a spec change or a new fallback request starts over")
+    elif recovery_active(recovery):
+        assert recovery is not None
+        phase, ready, stalled, reason, reconciling = LearnerPhase.RECOVERING, False, False, recovery.reason, True
+        message = f"fallback {recovery.id} under way ({recovery.merge}): {recovery.message or ''}"
     elif store_down:
         phase, ready, stalled, reason = LearnerPhase.DEGRADED, False, False, "StoreUnreachable"
         message = f"the store has been unreachable for more than {facts.store_grace}: {facts.store_problem}"
+    elif corrupt:
+        assert integrity is not None
+        phase, ready, stalled, reason = LearnerPhase.DEGRADED, False, False, integrity.reason or "Corruption"
+        message = f"checkpoint v{integrity.failed_version} failed an integrity check: {integrity.message}"
     else:
         phase = LearnerPhase.DEGRADED if degraded else LearnerPhase.READY
         ready, stalled = True, False
         reason = "CheckpointVerified" if current else "Provisioned"
         message = (f"namespace {facts.namespace} provisioned; "
                    + (f"checkpoint v{current.version} verified" if current else "no checkpoint yet"))
-    new = [*conditions.kstatus(gen, at, ready=ready, reconciling=False, stalled=stalled, reason=reason,
+    if corrupt:
+        assert integrity is not None
+        degraded_why = (integrity.reason or "Corruption", f"{integrity.file}: {integrity.message}")
+    elif degraded:
+        degraded_why = ("VersionLag", f"checkpoint is {lag} base versions behind (max {facts.max_lag})")
+    else:
+        degraded_why = ("WithinLag", "")
+    recovering = recovery_active(recovery)
+    new = [*conditions.kstatus(gen, at, ready=ready, reconciling=reconciling, stalled=stalled, reason=reason,
                                message=message),
-           conditions.condition(conditions.DEGRADED, degraded, "VersionLag" if degraded else "WithinLag",
-                                f"checkpoint is {lag} base versions behind (max {facts.max_lag})" if degraded
-                                else "", gen, at),
+           conditions.condition(conditions.DEGRADED, corrupt or degraded, *degraded_why, gen, at),
+           conditions.condition(conditions.RECOVERING, recovering, recovery.reason if recovering and recovery
+                                else ("FallbackFailed" if recovery and recovery.failed_at else "Idle"),
+                                message if recovering else "", gen, at),
            conditions.condition(conditions.CHECKPOINT_TRUSTED, not forged,
                                 "UnexpectedCheckpointURI" if forged else "ExpectedLayout",
                                 f"currentCheckpoint points at {forged}, not at this learner's checkpoints; it is "
@@ -251,13 +290,24 @@ def skip_invalid_spec(old: LearnerNamespaceStatus, generation: int | None) -> bo
 
 
 # ---- planning a run --------------------------------------------------------------------------
+def adapters_to_fold(log: list[tuple[int, AdapterMode]], upto: int | None) -> list[int]:
+    """The adapter sequence numbers a run folds: the log up to ``upto`` (default all of it), from
+    its newest cumulative adapter on. Empty when there is none, or ``upto`` is not in the log."""
+    if upto is not None and upto not in {seq for seq, _ in log}:
+        return []
+    return fold([(seq, mode) for seq, mode in log if upto is None or seq <= upto])
+
+
 def plan_failure(model: str, base_version: int | None, base_found: bool, adapter_seq: int | None,
-                 adapters_prefix: str) -> Failure | None:
-    """Why a run cannot start, or None when it can. Checked before any version is spent."""
+                 adapters_prefix: str, requested_adapter: int | None = None, reclone: bool = False) -> Failure | None:
+    """Why a run cannot start, or None when it can. Checked before any version is spent. A
+    fallback of a learner without adapters is a re-clone of the base, which needs none."""
     if base_version is None or not base_found:
         which = f"v{base_version}" if base_version is not None else "(no published version)"
         return Failure("BaseModelNotFound", f"base model {model} {which} is not in the store")
-    if adapter_seq is None:
+    if requested_adapter is not None and adapter_seq is None:
+        return Failure("NoAdapter", f"no adapter {requested_adapter} under {adapters_prefix}/")
+    if adapter_seq is None and not reclone:
         return Failure("NoAdapter", f"no adapter under {adapters_prefix}/")
     return None
 
@@ -417,3 +467,134 @@ def crd_reinstalled(seen: dict[str, str], name: str, uid: str, established: bool
         return False
     seen[name] = uid
     return True
+
+
+
+# ---- integrity checks ------------------------------------------------------------------------
+class Corruption(StrEnum):
+    CHECKSUM_MISMATCH = "ChecksumMismatch"
+    SIZE_MISMATCH = "SizeMismatch"
+    FILE_MISSING = "FileMissing"
+    MANIFEST_MISSING = "ManifestMissing"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One way a checkpoint is not what its manifest says."""
+
+    reason: Corruption
+    file: str
+    message: str
+
+
+def check_due(ns_uid: str, last: datetime | None, interval: timedelta, now: datetime) -> bool:
+    """Whether a periodic check of this learner is due. Each learner has its own slot within the
+    interval (from its nsUid), so checks of many learners are spread out, never all at once; a
+    check is due once the learner's latest slot began after its last check."""
+    seconds = max(1, int(interval.total_seconds()))
+    offset = int(ns_uid[:8], 16) % seconds if ns_uid else 0
+    epoch = int(now.timestamp())
+    slot = epoch - ((epoch - offset) % seconds)
+    return last is None or last.timestamp() < slot
+
+
+def cheap_findings(expected_manifest_sha256: str, manifest_sha256: str | None, listed: dict[str, int] | None,
+                   stored: dict[str, int], checksums: dict[str, tuple[str, str]] | None = None,
+                   manifest_name: str = "manifest.json") -> list[Finding]:
+    """What a cheap check found, from the manifest's sha256 (None: missing), the sizes the manifest
+    lists, the sizes the store holds, and, where the store kept one at upload, each file's
+    checksum as (expected, stored). No model bytes are needed."""
+    if manifest_sha256 is None or listed is None:
+        return [Finding(Corruption.MANIFEST_MISSING, manifest_name, f"{manifest_name} is gone")]
+    if manifest_sha256 != expected_manifest_sha256:
+        return [Finding(Corruption.CHECKSUM_MISMATCH, manifest_name,
+                        f"{manifest_name} has sha256 {manifest_sha256}, the verified one had "
+                        f"{expected_manifest_sha256}")]
+    found = []
+    for name, size in sorted(listed.items()):
+        if name not in stored:
+            found.append(Finding(Corruption.FILE_MISSING, name, f"{name} is listed in the manifest but missing"))
+        elif stored[name] != size:
+            found.append(Finding(Corruption.SIZE_MISMATCH, name,
+                                 f"{name} has {stored[name]} bytes, the manifest lists {size}"))
+        elif checksums and name in checksums and checksums[name][0] != checksums[name][1]:
+            expected, actual = checksums[name]
+            found.append(Finding(Corruption.CHECKSUM_MISMATCH, name,
+                                 f"{name}: the store's checksum is {actual}, expected {expected}"))
+    return found
+
+
+def integrity_checked(status: LearnerNamespaceStatus, version: int, findings: list[Finding], now: datetime,
+                      deep: bool = False) -> LearnerNamespaceStatus:
+    """The status after a check of checkpoint ``version``. A failed check takes the checkpoint out
+    of currentCheckpoint at once: a checkpoint that failed is never the verified current one."""
+    old = status.integrity or IntegrityStatus()
+    stamp = {"deep_checked_at": now, "deep_checked_version": version} if deep else \
+        {"checked_at": now, "checked_version": version}
+    update: dict[str, Any] = {}
+    if findings:
+        first = findings[0]
+        more = f" (and {len(findings) - 1} more)" if len(findings) > 1 else ""
+        stamp.update(failed_version=version, reason=first.reason.value, file=first.file,
+                     message=(first.message + more)[:1024])
+        current = status.current_checkpoint
+        if current is not None and current.version == version:
+            update["current_checkpoint"] = None
+    return status.model_copy(update={**update, "integrity": old.model_copy(update=stamp)})
+
+
+# ---- fallback: re-clone from the base and replay the adapter log -----------------------------
+class FallbackReason(StrEnum):
+    CORRUPTION = "Corruption"
+    VERSION_LAG = "VersionLag"
+    REQUESTED = "Requested"
+
+
+def fallback_reason(status: LearnerNamespaceStatus, pinned: bool, max_lag: int,
+                    requested: str | None) -> Failure | None:
+    """Why this learner should fall back now, if it should."""
+    integrity, recovery = status.integrity, status.recovery
+    if integrity is not None and integrity.failed_version is not None:
+        return Failure(FallbackReason.CORRUPTION.value,
+                       f"checkpoint v{integrity.failed_version} failed an integrity check: {integrity.reason} "
+                       f"({integrity.file})")
+    if requested and requested != (recovery.request if recovery else None):
+        return Failure(FallbackReason.REQUESTED.value,
+                       f"requested through {naming.FALLBACK_ANNOTATION} = {requested!r}")
+    lag = status.version_lag
+    if not pinned and lag is not None and lag > max_lag and status.current_checkpoint is not None:
+        return Failure(FallbackReason.VERSION_LAG.value,
+                       f"checkpoint is {lag} base versions behind (max {max_lag})")
+    return None
+
+
+def recovery_active(recovery: RecoveryStatus | None) -> bool:
+    return recovery is not None and recovery.completed_at is None and recovery.failed_at is None
+
+
+def start_recovery(old: RecoveryStatus | None, why: Failure | None, generation: int | None, requested: str | None,
+                   now: datetime) -> RecoveryStatus | None:
+    """A new fallback, when one should start: there is a reason, none is under way, and one that
+    gave up is tried again only after a spec change or a new request."""
+    if why is None or recovery_active(old):
+        return None
+    if old is not None and old.failed_at is not None and old.generation == generation \
+            and (requested or None) == old.request:
+        return None  # gave up on this spec and request: Stalled until either changes
+    rid = (old.id if old else 0) + 1
+    return RecoveryStatus(id=rid, reason=why.reason, message=why.message[:1024], started_at=now,
+                          generation=generation, request=requested or None, attempts=0,
+                          merge=naming.fallback_merge(rid, 0), next_attempt_at=now)
+
+
+def recovery_after_attempt(recovery: RecoveryStatus, succeeded: bool, limit: int, backoff: timedelta,
+                           now: datetime) -> RecoveryStatus:
+    """The fallback after its current attempt finished: done, retried after a doubling delay, or
+    given up after ``limit`` failed attempts."""
+    if succeeded:
+        return recovery.model_copy(update={"completed_at": now, "next_attempt_at": None})
+    attempts = recovery.attempts + 1
+    if attempts >= limit:
+        return recovery.model_copy(update={"attempts": attempts, "failed_at": now, "next_attempt_at": None})
+    return recovery.model_copy(update={"attempts": attempts, "merge": naming.fallback_merge(recovery.id, attempts),
+                                       "next_attempt_at": now + backoff * (2 ** (attempts - 1))})

@@ -19,6 +19,10 @@ MERGE_DURATION = Histogram("privatefm_merge_duration_seconds", "Merge wall time 
                            buckets=(1, 5, 15, 60, 300, 900, 1800, 3600, 7200, 14400))
 CHECKPOINT_SIZE = Histogram("privatefm_checkpoint_size_bytes", "Size of verified checkpoints",
                             buckets=tuple(float(2**n) for n in range(20, 41, 2)))
+FALLBACK_OPERATIONS = Counter("privatefm_fallback_operations_total",
+                              "Fallbacks (re-clone and adapter replay) that finished", ["reason", "result"])
+CORRUPTION_DETECTED = Counter("privatefm_corruption_detected_total",
+                              "Integrity checks that found a checkpoint damaged", ["reason", "check"])
 RECONCILE_DURATION = Histogram("privatefm_reconcile_duration_seconds", "Reconcile latency", ["kind"])
 UNTRUSTED = Counter("privatefm_untrusted_objects_total",
                     "Objects ignored because their identity did not check out (a forged label, owner or status)",

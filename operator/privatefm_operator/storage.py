@@ -16,11 +16,14 @@ from datetime import datetime
 from typing import Any
 
 from privatefm_merge import contract, layout
+from privatefm_merge.adapter_log import SIDECAR_NAME, AdapterMode, parse_sidecar
 from privatefm_merge.errors import StorageError
+from privatefm_merge.manifest import Manifest, parse_manifest, sha256_hex
+from privatefm_merge.seal import clone_checkpoint
 from privatefm_merge.store import S3Store, make_s3_client
 from privatefm_merge.verify import VerifyReport, read_manifest, verify_checkpoint
 
-from privatefm_operator import store_policy
+from privatefm_operator import decisions, store_policy
 from privatefm_operator.settings import Settings
 
 log = logging.getLogger("privatefm.operator")
@@ -105,6 +108,51 @@ class Storage:
         seqs = [int(m.group(1)) for d in self.root.list_dirs(f"{layout.learner_prefix(ns_uid)}/adapters")
                 if (m := _SEQ_DIR.match(d))]
         return max(seqs) if seqs else None
+
+    def adapter_log(self, ns_uid: str) -> list[tuple[int, AdapterMode]]:
+        """Every adapter of the learner with its mode (its ``privatefm.json`` sidecar; none: cumulative).
+        Raises ``ValueError`` naming the adapter whose sidecar is malformed."""
+        prefix = f"{layout.learner_prefix(ns_uid)}/adapters"
+        log_ = []
+        for seq in sorted(int(m.group(1)) for d in self.root.list_dirs(prefix) if (m := _SEQ_DIR.match(d))):
+            key = f"{layout.adapter_prefix(ns_uid, seq)}/{SIDECAR_NAME}"
+            try:
+                data = self.root.read_bytes(key) if self.root.exists(key) else None
+                log_.append((seq, parse_sidecar(data)))
+            except ValueError as err:
+                raise ValueError(f"adapter {seq}: {err}") from None
+        return log_
+
+    def check_checkpoint(self, ns_uid: str, version: int, expected_manifest_sha256: str) -> list[decisions.Finding]:
+        """The cheap check: the manifest, and every listed file's presence and size (one LIST), and
+        no model bytes. Where the store kept a checksum at upload it is compared too."""
+        prefix = layout.checkpoint_prefix(ns_uid, version)
+        store = self._at(prefix)
+        stored = {info.name: info.size for info in store.list_files()}
+        if layout.MANIFEST_NAME not in stored:
+            return decisions.cheap_findings(expected_manifest_sha256, None, None, stored)
+        data = store.read_bytes(layout.MANIFEST_NAME)
+        if sha256_hex(data) != expected_manifest_sha256:  # it names what it was, not what it should be
+            return decisions.cheap_findings(expected_manifest_sha256, sha256_hex(data), {}, stored)
+        manifest = parse_manifest(data)  # the bytes that were verified: it parses
+        listed = {entry.name: entry.size for entry in manifest.files}
+        return decisions.cheap_findings(expected_manifest_sha256, sha256_hex(data), listed, stored,
+                                        self._checksums(store, manifest))
+
+    def _checksums(self, store: S3Store, manifest: Manifest) -> dict[str, tuple[str, str]]:
+        """(expected, stored) checksums of the files whose upload left one the store keeps."""
+        return {}
+
+    def clone_base(self, model: str, base_version: int, ns_uid: str, version: int,
+                   parent_version: int | None) -> tuple[int, str]:
+        """A learner with no adapter falls back to a plain copy of the base: server-side copies into
+        checkpoint ``version`` and a manifest of its own; no model bytes pass through the operator.
+        Returns (total bytes, manifest sha256)."""
+        manifest, sha = clone_checkpoint(self.uri(layout.base_prefix(model, base_version)),
+                                         self.uri(layout.checkpoint_prefix(ns_uid, version)), version=version,
+                                         parent_version=parent_version, base_model=model,
+                                         base_version=base_version, s3_client=self.client)
+        return sum(entry.size for entry in manifest.files), sha
 
     def learner_history(self, ns_uid: str) -> tuple[int | None, list[dict[str, Any]]]:
         """What the store remembers of a learner whose CR has no status (re-created after a CRD

@@ -1,7 +1,14 @@
 """LearnerNamespace: keep the learner's namespace and its children true, and report what is.
 
-    reconcile = read_spec → hold → provision → observe_base → recover_history → write status (once)
-                → announce
+    reconcile = read_spec → hold → provision → observe_base → recover_history → check_integrity → heal
+                → write status (once) → announce
+
+Self-healing: ``check_integrity`` runs the cheap check of the current checkpoint (manifest, sizes,
+checksums; no model bytes) when the learner's staggered slot comes. A failed check takes the
+checkpoint out of currentCheckpoint and sets Degraded with the reason and the file. ``heal`` starts
+a fallback for a failed check, a lag beyond maxVersionLag (unless the base is pinned) or a
+``fallback-requested`` annotation: a Fallback AdapterMerge folds the adapter log onto the target
+base (or re-clones it), retried with a doubling delay up to fallbackRetryLimit, then Stalled.
 
 A spec the API server refuses (say, an unknown time zone for the CronJob) ends the reconcile as
 Stalled/InvalidSpec with the server's message and a Warning Event, and is not tried again until
@@ -17,16 +24,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from kubernetes.client.exceptions import ApiException
 from privatefm_merge import layout
-from privatefm_merge.clock import utc_now
+from privatefm_merge.clock import rfc3339, utc_now
 from privatefm_merge.errors import StorageError
 
 from privatefm_operator import builders, decisions, metrics, naming
-from privatefm_operator.api import Checkpoint, LearnerNamespace, LearnerNamespaceStatus
+from privatefm_operator.api import (
+    Checkpoint,
+    LearnerNamespace,
+    LearnerNamespaceStatus,
+    MergePhase,
+    MergeTrigger,
+    RecoveryStatus,
+)
 from privatefm_operator.builders import Learner
 from privatefm_operator.kube import api_message
 from privatefm_operator.reconcilers.base import (
@@ -81,6 +95,7 @@ class LearnerScope:
     base_problem: str = ""
     store_problem: str = ""
     history: decisions.History | None = None
+    mutations: list[Callable[[LearnerNamespaceStatus], LearnerNamespaceStatus]] = field(default_factory=list)
     announcements: list[Callable[[], None]] = field(default_factory=list)
 
 
@@ -126,7 +141,8 @@ class LearnerReconciler:
             return None
         with self._locks(None, name):
             scope = LearnerScope(lns)
-            for phase in (self.read_spec, self.hold, self.provision, self.observe_base, self.recover_history):
+            for phase in (self.read_spec, self.hold, self.provision, self.observe_base, self.recover_history,
+                          self.check_integrity, self.heal):
                 step = phase(scope)
                 if step is Step.SKIP:
                     return scope.learner
@@ -250,7 +266,136 @@ class LearnerReconciler:
             latest_base=scope.latest_base, base_problem=scope.base_problem, store_problem=scope.store_problem,
             store_grace=timedelta(seconds=self.clients.settings.store_grace_seconds),
             max_lag=self.clients.settings.max_version_lag, scoped_store=self.clients.storage.scoped)
-        update_status(self.clients, scope.lns, lambda old: decisions.learner_status(facts, old), observed=True)
+        def mutate(old: LearnerNamespaceStatus) -> LearnerNamespaceStatus:
+            for change in scope.mutations:
+                old = change(old)
+            return decisions.learner_status(facts, old)
+        update_status(self.clients, scope.lns, mutate, observed=True)
+
+    # ---- self-healing ------------------------------------------------------------------------
+    def check_integrity(self, scope: LearnerScope) -> Step:
+        """The cheap check of the current checkpoint, in this learner's slot of the interval."""
+        learner, now, settings = scope.learner, utc_now(), self.clients.settings
+        assert learner is not None
+        status = status_of(scope.lns, LearnerNamespaceStatus)
+        current, integrity = status.current_checkpoint, status.integrity
+        if scope.store_problem or current is None or (integrity and integrity.failed_version == current.version):
+            return Step.CONTINUE
+        last = integrity.checked_at if integrity and integrity.checked_version == current.version else None
+        interval = timedelta(seconds=settings.integrity_check_seconds)
+        if not decisions.check_due(learner.ns_uid, last or current.verified_at, interval, now):
+            return Step.CONTINUE
+        try:
+            findings = self.clients.storage.check_checkpoint(learner.ns_uid, current.version,
+                                                             current.manifest_sha256)
+        except StorageError as err:
+            scope.store_problem = str(err)
+            return Step.CONTINUE
+        self.record_check(scope, current.version, findings, now, deep=False)
+        return Step.CONTINUE
+
+    def record_check(self, scope: LearnerScope, version: int, findings: list[decisions.Finding], now: datetime,
+                     deep: bool) -> None:
+        scope.mutations.append(lambda st: decisions.integrity_checked(st, version, findings, now, deep=deep))
+        if findings:
+            first, check = findings[0], "deep" if deep else "cheap"
+            def announce() -> None:
+                metrics.CORRUPTION_DETECTED.labels(reason=first.reason.value, check=check).inc()
+                self.clients.kube.event(scope.lns.ref(), "Warning", "CorruptionDetected",
+                                        f"checkpoint v{version} failed the {check} check: {first.reason.value} "
+                                        f"({first.file}): {first.message}"[:1024])
+            scope.announcements.append(announce)
+
+    def heal(self, scope: LearnerScope) -> Step:
+        """Starts a fallback when one is due, and moves the one under way along."""
+        lns, learner, settings, now = scope.lns, scope.learner, self.clients.settings, utc_now()
+        assert isinstance(lns, LearnerNamespace) and learner is not None
+        if scope.store_problem or scope.base_problem:
+            return Step.CONTINUE
+        view = status_of(lns, LearnerNamespaceStatus)
+        for change in scope.mutations:  # what this pass has found so far
+            view = change(view)
+        recovery = view.recovery
+        if not decisions.recovery_active(recovery):
+            requested = (lns.metadata.get("annotations") or {}).get(naming.FALLBACK_ANNOTATION)
+            why = decisions.fallback_reason(view, learner.spec.base_model.version is not None,
+                                            settings.max_version_lag, requested)
+            started = decisions.start_recovery(recovery, why, lns.generation, requested, now)
+            if started is None:
+                return Step.CONTINUE
+            self._set_recovery(scope, recovery, started, lambda: self._event(
+                scope, "Normal", "FallbackInitiated",
+                f"fallback {started.id} ({started.reason}): {started.message}; merge {started.merge}"))
+            recovery = started
+        assert recovery is not None
+        self._attempt(scope, learner, recovery, now)
+        return Step.CONTINUE
+
+    def _attempt(self, scope: LearnerScope, learner: Learner, recovery: RecoveryStatus, now: datetime) -> None:
+        """Creates the attempt's Fallback AdapterMerge when its time has come, or takes its outcome."""
+        settings, kube = self.clients.settings, self.clients.kube
+        assert recovery.merge is not None
+        body = kube.get("AdapterMerge", recovery.merge, learner.namespace)
+        if body is None:
+            if recovery.next_attempt_at is None or now >= recovery.next_attempt_at:
+                self._create_fallback_merge(scope, learner, recovery)
+            return
+        phase = (body.get("status") or {}).get("phase")
+        if phase not in (MergePhase.SUCCEEDED.value, MergePhase.FAILED.value):
+            return
+        succeeded = phase == MergePhase.SUCCEEDED.value
+        after = decisions.recovery_after_attempt(recovery, succeeded, settings.fallback_retry_limit,
+                                                 timedelta(seconds=settings.fallback_backoff_seconds), now)
+        message = (body.get("status") or {}).get("message") or ""
+        if succeeded:
+            def announce() -> None:
+                metrics.FALLBACK_OPERATIONS.labels(reason=recovery.reason, result="succeeded").inc()
+                self._event(scope, "Normal", "FallbackCompleted",
+                            f"fallback {recovery.id} ({recovery.reason}) completed by {recovery.merge}: {message}")
+        elif after.failed_at is not None:
+            def announce() -> None:
+                metrics.FALLBACK_OPERATIONS.labels(reason=recovery.reason, result="failed").inc()
+                self._event(scope, "Warning", "FallbackFailed",
+                            f"fallback {recovery.id} ({recovery.reason}) gave up after {after.attempts} failed "
+                            f"merges; last: {recovery.merge}: {message}")
+        else:
+            def announce() -> None:
+                self._event(scope, "Warning", "FallbackRetrying",
+                            f"fallback {recovery.id}: {recovery.merge} failed ({message}); {after.merge} "
+                            f"not before {rfc3339(after.next_attempt_at)}")
+        self._set_recovery(scope, recovery, after, announce)
+
+    def _create_fallback_merge(self, scope: LearnerScope, learner: Learner, recovery: RecoveryStatus) -> None:
+        model = learner.spec.base_model
+        target = model.version if model.version is not None else scope.latest_base
+        assert recovery.merge is not None
+        body = {"apiVersion": "privatefm.io/v1alpha1", "kind": "AdapterMerge",
+                "metadata": {"name": recovery.merge, "namespace": learner.namespace,
+                             "labels": {naming.LABEL_MANAGED_BY: naming.MANAGED_BY,
+                                        naming.LABEL_TRIGGER: MergeTrigger.FALLBACK.value}},
+                "spec": {"trigger": MergeTrigger.FALLBACK.value, "baseVersion": target,
+                         "reason": f"fallback {recovery.id}: {recovery.reason}"}}
+        try:
+            self.clients.kube.create(body)
+        except ApiException as err:
+            if err.status != 409:  # made by an earlier pass: its outcome is read on the next
+                raise
+
+    def _set_recovery(self, scope: LearnerScope, expected: RecoveryStatus | None, new: RecoveryStatus,
+                      announce: Callable[[], None]) -> None:
+        """Records the fallback's next state, and announces it only when this pass moved it (another
+        pass over a stale copy finds the recovery already moved on)."""
+        moved: list[bool] = [False]
+
+        def change(st: LearnerNamespaceStatus) -> LearnerNamespaceStatus:
+            moved[0] = st.recovery == expected
+            return st.model_copy(update={"recovery": new}) if moved[0] else st
+        scope.mutations.append(change)
+        scope.announcements.append(lambda: announce() if moved[0] else None)
+
+    def _event(self, scope: LearnerScope, kind: str, reason: str, message: str) -> None:
+        self.clients.kube.event(scope.lns.ref(), kind, reason, message[:1024])
+        log.info(reason, extra={"fields": {"learner": scope.lns.metadata["name"], "message": message}})
 
     def _announce_created(self, scope: LearnerScope) -> None:
         assert isinstance(scope.lns, LearnerNamespace) and scope.learner is not None

@@ -1,6 +1,11 @@
 """AdapterMerge: one merge run, from plan to a verified checkpoint.
 
-    reconcile = find_learner → plan → ensure_job → observe_job → accept → write status (once)
+    reconcile = find_learner → plan → reclone → ensure_job → observe_job → accept → write status (once)
+
+A run folds the learner's adapter log (``privatefm_merge.adapter_log.fold``: the newest cumulative
+adapter, then every incremental one after it) onto one base version. A Fallback run is the
+operator's own (a learner healing itself); one whose learner has no adapter yet is a re-clone:
+server-side copies of the base into the new version, and no Job.
 
 ``plan`` ends its pass early (REQUEUE): the version it assigned is written to the AdapterMerge
 before any Job exists, so a restarted operator reuses it instead of assigning another. Events and
@@ -17,7 +22,7 @@ from typing import Any
 
 from privatefm_merge import contract, layout
 from privatefm_merge.clock import rfc3339, utc_now
-from privatefm_merge.errors import StorageError
+from privatefm_merge.errors import MergeError, StorageError
 
 from privatefm_operator import builders, conditions, decisions, metrics, naming, store_policy
 from privatefm_operator.api import (
@@ -116,7 +121,7 @@ class MergeReconciler:
             am = parse(AdapterMerge, body) if body is not None and step is Step.REQUEUE else None
 
     def _run_phases(self, scope: MergeScope) -> Step:
-        for phase in (self.find_learner, self.plan, self.ensure_job, self.observe_job, self.accept):
+        for phase in (self.find_learner, self.plan, self.reclone, self.ensure_job, self.observe_job, self.accept):
             step = phase(scope)
             if step is not Step.CONTINUE:
                 return step
@@ -168,22 +173,50 @@ class MergeReconciler:
         try:
             base = decisions.base_version_for_run(spec.base_version, current.base_version if current else None,
                                                   model.version, storage.latest_base_version(model.name))
-            adapter = spec.adapter_seq if spec.adapter_seq is not None else storage.latest_adapter_seq(learner.ns_uid)
+            log_ = storage.adapter_log(learner.ns_uid)
             base_found = base is not None and storage.base_exists(model.name, base)
         except StorageError as err:
             raise RetryLater(f"store unreachable: {err}", delay=15) from err
-        failure = decisions.plan_failure(model.name, base, base_found, adapter,
-                                         f"{layout.learner_prefix(learner.ns_uid)}/adapters")
+        except ValueError as err:  # a malformed privatefm.json sidecar
+            return self.finish(scope, MergePhase.FAILED, "AdapterInvalid", str(err))
+        adapters_prefix = f"{layout.learner_prefix(learner.ns_uid)}/adapters"
+        folded = decisions.adapters_to_fold(log_, spec.adapter_seq)
+        adapter = folded[-1] if folded else None
+        failure = decisions.plan_failure(model.name, base, base_found, adapter, adapters_prefix,
+                                         requested_adapter=spec.adapter_seq,
+                                         reclone=spec.trigger == MergeTrigger.FALLBACK)
         if failure is not None:
             return self.finish(scope, MergePhase.FAILED, failure.reason, failure.message)
         target = self.learners.allocate_version(lns)
         scope.status = scope.status.model_copy(update={
             "phase": MergePhase.PENDING, "learner": learner.name, "target_version": target,
             "parent_version": current.version if current else None, "base_version": base, "adapter_seq": adapter,
+            "adapter_seqs": folded,
             "job": JobRef(name=scope.merge.name)})
         log.info("merge planned", extra={"fields": {"learner": learner.name, "merge": scope.merge.name,
-                                                    "version": target, "base": base, "adapter": adapter}})
+                                                    "version": target, "base": base, "adapters": folded}})
         return Step.REQUEUE
+
+    def reclone(self, scope: MergeScope) -> Step:
+        """A Fallback run with no adapter to replay: the new version is a server-side copy of the base."""
+        status, learner, lns = scope.status, scope.learner, scope.lns
+        if scope.merge.spec.trigger != MergeTrigger.FALLBACK or status.adapter_seqs != []:
+            return Step.CONTINUE
+        assert learner is not None and lns is not None and status.base_version and status.target_version
+        self._ensure_fresh(scope, "a re-clone writes a version")
+        model = learner.spec.base_model.name
+        try:
+            size, sha = self.clients.storage.clone_base(model, status.base_version, learner.ns_uid,
+                                                        status.target_version, status.parent_version)
+        except StorageError as err:
+            raise RetryLater(f"store unreachable: {err}", delay=15) from err
+        except MergeError as err:
+            return self.finish(scope, MergePhase.FAILED, err.reason.value, str(err))
+        checkpoint = Checkpoint(version=status.target_version, uri=self.clients.storage.uri(
+            layout.checkpoint_prefix(learner.ns_uid, status.target_version)), manifest_sha256=sha,
+            base_version=status.base_version, adapter_seqs=[], size_bytes=size, verified_at=utc_now())
+        return self.succeed(scope, checkpoint, "Recloned",
+                            f"v{status.target_version} is a server-side copy of base {model} v{status.base_version}")
 
     def ensure_job(self, scope: MergeScope) -> Step:
         """Creates a manual run's Job (suspended). A Job that never started gets its run's own store
@@ -192,7 +225,7 @@ class MergeReconciler:
         assert learner is not None and am.namespace is not None
         params = builders.job_params(self.merge_job(learner, scope.status))
         job = kube.get("Job", am.name, am.namespace)
-        if job is None and am.spec.trigger == MergeTrigger.MANUAL:
+        if job is None and am.spec.trigger != MergeTrigger.SCHEDULED:
             owner = {"apiVersion": am.api_version, "kind": am.kind, "name": am.name, "uid": am.uid,
                      "controller": True, "blockOwnerDeletion": True}
             kube.create(builders.merge_job(learner, self.clients.settings, am.name, am.spec.trigger, params, owner))
@@ -216,7 +249,7 @@ class MergeReconciler:
 
     def job_is_ours(self, job: dict[str, Any], am: AdapterMerge) -> bool:
         """A Job counts only when its AdapterMerge or the learner's own CronJob owns it (by uid)."""
-        if am.spec.trigger == MergeTrigger.MANUAL:
+        if am.spec.trigger != MergeTrigger.SCHEDULED:
             return decisions.owned_by(job["metadata"], "AdapterMerge", am.uid)
         cronjob = self.clients.kube.get("CronJob", naming.CRONJOB, am.namespace)
         return cronjob is not None and decisions.owned_by(job["metadata"], "CronJob", cronjob["metadata"]["uid"])
@@ -286,20 +319,26 @@ class MergeReconciler:
         assert report.manifest_sha256 is not None and status.base_version is not None
         checkpoint = Checkpoint(version=target, uri=uri, manifest_sha256=report.manifest_sha256,
                                 base_version=status.base_version, adapter_seq=status.adapter_seq,
-                                size_bytes=report.total_bytes, verified_at=utc_now())
+                                adapter_seqs=status.adapter_seqs, size_bytes=report.total_bytes,
+                                verified_at=utc_now())
+        return self.succeed(scope, checkpoint, verdict.reason, verdict.message)
+
+    def succeed(self, scope: MergeScope, checkpoint: Checkpoint, reason: str, message: str) -> Step:
+        """Makes a verified checkpoint current, records it in the learner's event log, and finishes."""
+        learner, lns = scope.learner, scope.lns
+        assert learner is not None and lns is not None
         # Before the run is marked done, so a crash in between advances on the next pass.
         self.learners.advance(lns, checkpoint)
         scope.after_write += [
-            lambda: metrics.CHECKPOINT_SIZE.observe(report.total_bytes),
+            lambda: metrics.CHECKPOINT_SIZE.observe(checkpoint.size_bytes or 0),
             lambda: self.clients.storage.append_event(learner.ns_uid, "merge", {
-                "type": "MergeCompleted", "version": target, "baseVersion": checkpoint.base_version,
-                "adapterSeq": checkpoint.adapter_seq, "manifestSha256": checkpoint.manifest_sha256,
-                "merge": scope.merge.name, "at": rfc3339(checkpoint.verified_at)}),
-            lambda: self.learners.refresh(lns.name),
+                "type": "MergeCompleted", "version": checkpoint.version, "baseVersion": checkpoint.base_version,
+                "adapterSeq": checkpoint.adapter_seq, "adapterSeqs": checkpoint.adapter_seqs,
+                "manifestSha256": checkpoint.manifest_sha256, "merge": scope.merge.name,
+                "trigger": scope.merge.spec.trigger.value, "at": rfc3339(checkpoint.verified_at)}),
         ]
-        return self.finish(scope, MergePhase.SUCCEEDED, verdict.reason, verdict.message, checkpoint)
+        return self.finish(scope, MergePhase.SUCCEEDED, reason, message, checkpoint)
 
-    # ---- a run's end -------------------------------------------------------------------------
     def finish(self, scope: MergeScope, phase: MergePhase, reason: str, message: str,
                checkpoint: Checkpoint | None = None) -> Step:
         """Records the outcome; its Events and metrics follow the status write."""
@@ -316,6 +355,9 @@ class MergeReconciler:
         scope.after_write.insert(0, lambda: self._announce(scope, phase, reason, message, checkpoint))
         if not succeeded:
             scope.after_write.append(lambda: self._abort_uploads(scope))
+        if scope.lns is not None:  # its lag, or its fallback, moves on
+            lns_name = scope.lns.name
+            scope.after_write.append(lambda: self.learners.refresh(lns_name))
         return Step.DONE
 
     def _abort_uploads(self, scope: MergeScope) -> None:

@@ -6,6 +6,7 @@ random weights, and a PEFT LoRA adapter with non-zero weights is trained-by-cons
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -42,10 +43,11 @@ def publish_base(s3_client: Any, bucket: str, model: str = BASE_MODEL, version: 
 
 
 def publish_adapter(s3_client: Any, bucket: str, ns_uid: str, seq: int, seed: int = 1,
-                    corrupt: bool = False) -> str:
+                    corrupt: bool = False, mode: str | None = None) -> str:
     """Writes learners/<nsUid>/adapters/<seq>/ (PEFT LoRA, r=4 on attention and MLP projections).
 
-    ``corrupt`` writes an adapter whose tensors do not fit the base (a bad upstream upload).
+    ``corrupt`` writes an adapter whose tensors do not fit the base (a bad upstream upload);
+    ``mode`` ("incremental" or "cumulative") writes the ``privatefm.json`` sidecar.
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -66,5 +68,7 @@ def publish_adapter(s3_client: Any, bucket: str, ns_uid: str, seq: int, seed: in
     prefix = layout.adapter_prefix(ns_uid, seq)
     with tempfile.TemporaryDirectory() as tmp:
         peft_model.save_pretrained(tmp)
+        if mode is not None:
+            (Path(tmp) / "privatefm.json").write_text(json.dumps({"mode": mode}))
         _upload_dir(s3_client, bucket, Path(tmp), prefix)
     return layout.s3_uri(bucket, prefix)
