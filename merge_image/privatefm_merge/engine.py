@@ -697,7 +697,7 @@ def merge_checkpoint(base_uri: str, adapters: str | Sequence[str], output_uri: s
         timings["wait_for_writer_seconds"] = merger.chunks.wait_seconds + merger.tensors.wait_seconds
 
         commit_started = time.perf_counter()
-        entries = [FileEntry(name=d.name, size=d.size, sha256=d.sha256) for d in files]
+        entries = [FileEntry.of(d) for d in files]
         listing = {info.name: info.size for info in out.list_files()}
         manifest = Manifest(
             tool=ToolInfo(name=TOOL_NAME, version=tool_version()),

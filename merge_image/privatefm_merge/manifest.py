@@ -9,6 +9,7 @@ model's own manifest (``privatefm-merge seal``) has neither. Older manifests wit
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pydantic.alias_generators import to_camel
 from privatefm_merge.layout import MANIFEST_NAME
 
 if TYPE_CHECKING:
-    from privatefm_merge.store import FileDigest
+    from privatefm_merge.store import FileDigest, ObjectStat
 
 FORMAT_VERSION = 1
 
@@ -33,10 +34,15 @@ class FileEntry(_Model):
     name: str
     size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # The SHA-256 checksum the store kept at upload, as S3 returns it, when it is not simply the
+    # base64 of ``sha256``: a multipart upload's COMPOSITE checksum ("<base64>-<parts>"). None
+    # otherwise (see ``privatefm_merge.store`` and ``check_store_checksum``).
+    store_checksum: str | None = None
 
     @classmethod
     def of(cls, digest: FileDigest) -> FileEntry:
-        return cls(name=digest.name, size=digest.size, sha256=digest.sha256)
+        return cls(name=digest.name, size=digest.size, sha256=digest.sha256,
+                   store_checksum=composite_only(digest.sha256, digest.store_checksum))
 
     @field_validator("name")
     @classmethod
@@ -168,6 +174,37 @@ def check_digest(entry: FileEntry, size: int, sha256: str) -> FileProblem | None
         return FileProblem(entry.name, "size", f"size mismatch: expected {entry.size} bytes, read {size}")
     if sha256 != entry.sha256:
         return FileProblem(entry.name, "sha256", f"sha256 mismatch: expected {entry.sha256}, got {sha256}")
+    return None
+
+
+def full_object_checksum(sha256: str) -> str:
+    """The S3 SHA-256 checksum of a whole object (single PUT or CopyObject) with this sha256."""
+    return base64.b64encode(bytes.fromhex(sha256)).decode()
+
+
+def composite_only(sha256: str, store_checksum: str | None) -> str | None:
+    """What a manifest records of a store checksum: nothing when it follows from the sha256."""
+    return None if store_checksum in (None, full_object_checksum(sha256)) else store_checksum
+
+
+def check_store_checksum(entry: FileEntry, stat: ObjectStat) -> FileProblem | None:
+    """The cheap check of one file against the checksum the store kept (no object bytes read).
+
+    Where the store kept a SHA-256 checksum: a recorded COMPOSITE one must equal it exactly; a
+    full-object one must be the file's sha256. A composite checksum the manifest did not record
+    (an older manifest), another algorithm, or no checksum at all cannot be checked: None.
+    """
+    if stat.algorithm != "SHA256" or not stat.checksum:
+        return None
+    if entry.store_checksum is not None:
+        expected = entry.store_checksum
+    elif "-" not in stat.checksum:  # FULL_OBJECT
+        expected = full_object_checksum(entry.sha256)
+    else:
+        return None
+    if stat.checksum != expected:
+        return FileProblem(entry.name, "sha256", f"store checksum mismatch: the manifest implies SHA256 "
+                                                 f"{expected}, the store kept {stat.checksum}")
     return None
 
 

@@ -17,9 +17,18 @@ from privatefm_merge.clock import rfc3339
 from privatefm_merge.contract import Reason
 from privatefm_merge.errors import MergeError
 from privatefm_merge.layout import MANIFEST_NAME
-from privatefm_merge.manifest import BaseInfo, FileEntry, Manifest, ToolInfo, check_sizes, sha256_hex
-from privatefm_merge.store import open_store
+from privatefm_merge.manifest import BaseInfo, FileEntry, Manifest, ToolInfo, check_sizes, composite_only, sha256_hex
+from privatefm_merge.store import CHECKSUM_ALGORITHM, Store, open_store
 from privatefm_merge.verify import ManifestNotFound, read_manifest
+
+
+def _entry(store: Store, name: str) -> FileEntry:
+    """A manifest entry for a file already in the store, with the checksum the store kept."""
+    digest = store.digest(name)
+    stat = store.head(name)
+    checksum = stat.checksum if stat is not None and stat.algorithm == CHECKSUM_ALGORITHM else None
+    return FileEntry(name=name, size=digest.size, sha256=digest.sha256,
+                     store_checksum=composite_only(digest.sha256, checksum))
 
 
 def seal_checkpoint(uri: str, *, version: int | None = None, s3_client: Any = None,
@@ -33,7 +42,7 @@ def seal_checkpoint(uri: str, *, version: int | None = None, s3_client: Any = No
     if not names:
         raise MergeError(Reason.BASE_INVALID, f"{uri} holds no files")
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="seal") as pool:
-        files = list(pool.map(lambda name: FileEntry.of(store.digest(name)), names))
+        files = list(pool.map(lambda name: _entry(store, name), names))
     manifest = Manifest(tool=ToolInfo(name=TOOL_NAME, version=tool_version()), created_at=rfc3339(),
                         version=version, files=files)
     data = manifest.to_bytes()
@@ -62,11 +71,14 @@ def clone_checkpoint(source_uri: str, target_uri: str, *, version: int | None = 
             from None
     if target.exists(MANIFEST_NAME):
         raise MergeError(Reason.OUTPUT_EXISTS, f"{target_uri} already has a {MANIFEST_NAME}")
-    for entry in source_manifest.files:
-        target.copy_from(source, entry.name)
+    files = []
+    for entry in source_manifest.files:  # the copy's store checksum is its own (a copy recomputes it)
+        stat = target.copy_from(source, entry.name)
+        checksum = stat.checksum if stat.algorithm == CHECKSUM_ALGORITHM else None
+        files.append(entry.model_copy(update={"store_checksum": composite_only(entry.sha256, checksum)}))
     manifest = Manifest(
         tool=ToolInfo(name=TOOL_NAME, version=tool_version()), created_at=rfc3339(), version=version,
-        parent_version=parent_version, files=source_manifest.files,
+        parent_version=parent_version, files=files,
         base=BaseInfo(uri=source.uri, model=base_model, version=base_version, manifest_sha256=source_sha))
     problems = check_sizes(manifest, {info.name: info.size for info in target.list_files()})
     if problems:

@@ -23,8 +23,10 @@ from merge_testlib import make_adapter, read_tensors, save_base, tiny_llama
 from peft import LoraConfig
 from privatefm_merge.contract import AdapterRef, MergeJob, MergeResult
 from privatefm_merge.engine import MergeOptions, merge_checkpoint
+from privatefm_merge.errors import NotFoundError
+from privatefm_merge.manifest import FileEntry, check_store_checksum, full_object_checksum
 from privatefm_merge.seal import seal_checkpoint
-from privatefm_merge.store import MiB, S3Store, open_store
+from privatefm_merge.store import LocalStore, MiB, ObjectStat, S3Store, open_store
 from privatefm_merge.verify import NO_MANIFEST, verify_checkpoint
 from safetensors.torch import save_file
 
@@ -95,6 +97,70 @@ def test_s3_store_streams_multipart_and_copies_server_side(s3: Any, prefix: str)
     assert other.read_bytes("blob-copy.bin") == payload
     assert [(o.name, o.size) for o in store.list_files()] == [("dir/blob.bin", len(payload))]
     assert store.delete_prefix() == 1 and store.list_files() == []
+
+
+def test_uploads_carry_a_sha256_checksum_the_store_keeps(s3: Any, prefix: str) -> None:
+    """Single PUT: a FULL_OBJECT SHA-256, the object's sha256. Multipart: S3 checks every part's
+    SHA-256 and keeps a COMPOSITE one, which the writer reports for the manifest."""
+    store = S3Store(s3.client(), s3.bucket, f"{prefix}/sums", part_size=5 * MiB)
+    small = os.urandom(1000)
+    small_digest = store.put_bytes("small.bin", small)
+    stat = store.head("small.bin")
+    assert stat == ObjectStat(1000, full_object_checksum(hashlib.sha256(small).hexdigest()), "SHA256")
+    assert stat.checksum == small_digest.store_checksum
+    assert FileEntry.of(small_digest).store_checksum is None  # it follows from the sha256
+
+    big = os.urandom(12 * MiB + 5)  # three parts
+    writer = store.open_write("big.bin")
+    for start in range(0, len(big), 3 * MiB):
+        writer.write(big[start: start + 3 * MiB])
+    big_digest = writer.commit()
+    stat = store.head("big.bin")
+    assert stat is not None and stat.size == len(big) and stat.algorithm == "SHA256"
+    assert stat.checksum is not None and stat.checksum.endswith("-3")  # COMPOSITE over three parts
+    parts = [hashlib.sha256(big[i: i + 5 * MiB]).digest() for i in range(0, len(big), 5 * MiB)]
+    assert stat.checksum == full_object_checksum(hashlib.sha256(b"".join(parts)).hexdigest()) + "-3"
+
+    entry = FileEntry.of(big_digest)
+    assert big_digest.store_checksum == entry.store_checksum == stat.checksum  # recorded for the manifest
+    assert check_store_checksum(entry, stat) is None
+
+    small_entry = FileEntry.of(small_digest)
+    assert check_store_checksum(small_entry, ObjectStat(1000, small_digest.store_checksum, "SHA256")) is None
+    store.put_bytes("small.bin", b"replaced behind the manifest's back")
+    replaced = store.head("small.bin")
+    assert replaced is not None
+    problem = check_store_checksum(small_entry, replaced)
+    assert problem is not None and problem.name == "small.bin" and "store checksum mismatch" in problem.detail
+    assert store.head("missing.bin") is None
+
+
+def test_server_side_copy_keeps_bytes_and_checksum(s3: Any, prefix: str, tmp_path: Path) -> None:
+    store = S3Store(s3.client(), s3.bucket, prefix, part_size=5 * MiB)
+    small = os.urandom(4000)
+    store.put_bytes("base/x/config.json", small)
+    copied = store.copy("base/x/config.json", "learners/u/checkpoints/v1/config.json")
+    assert store.read_bytes("learners/u/checkpoints/v1/config.json") == small
+    assert copied == store.head("base/x/config.json") == store.head("learners/u/checkpoints/v1/config.json")
+    assert copied.checksum == full_object_checksum(hashlib.sha256(small).hexdigest())
+
+    # Above the single-copy limit (5 GiB on S3; lowered here), UploadPartCopy in parts.
+    big = os.urandom(11 * MiB)
+    store.put_bytes("base/x/shard.bin", big)
+    store.COPY_LIMIT, store.COPY_PART_SIZE = 8 * MiB, 5 * MiB  # type: ignore[misc]
+    copied = store.copy("base/x/shard.bin", "learners/u/checkpoints/v1/shard.bin", size=len(big))
+    assert store.read_bytes("learners/u/checkpoints/v1/shard.bin") == big
+    assert copied.size == len(big)
+    if copied.algorithm == "SHA256":  # S3 checksums part copies itself; MinIO keeps none for them
+        assert copied.checksum is not None and copied.checksum.endswith("-3")
+    assert store.incomplete_uploads("learners") == [] and store.incomplete_uploads(
+        names=["learners/u/checkpoints/v1/shard.bin"]) == []
+    with pytest.raises(NotFoundError):
+        store.copy("base/x/nothing.bin", "learners/u/checkpoints/v1/nothing.bin")
+    local = LocalStore(tmp_path)  # the local store has the same two calls, without checksums
+    local.put_bytes("a/one.bin", small)
+    assert local.copy("a/one.bin", "b/one.bin") == ObjectStat(len(small)) == local.head("b/one.bin")
+    assert local.read_bytes("b/one.bin") == small and local.head("nothing") is None
 
 
 def test_merge_s3_to_s3_then_verify_and_detect_a_flipped_byte(s3: Any, prefix: str, tiny: Path,
@@ -218,6 +284,13 @@ def test_merge_killed_mid_upload_leaves_no_version(s3: Any, prefix: str, tmp_pat
     report = verify_checkpoint(job.output_uri, s3_client=client)
     assert report.ok and report.file_count == 3
     assert report.manifest is not None and report.manifest.parent_version == 3
+    # The cheap check: every file's store checksum matches the manifest; the multipart shards'
+    # COMPOSITE checksums are recorded in it.
+    for entry in report.manifest.files:
+        stat = out.head(entry.name)
+        assert stat is not None and stat.algorithm == "SHA256", entry.name
+        assert check_store_checksum(entry, stat) is None, entry.name
+        assert (entry.store_checksum is not None) == stat.checksum.endswith(tuple(f"-{n}" for n in range(1, 99)))
     merged = read_tensors_s3(client, s3.bucket, out_key, tmp_path / "dl")
     base = read_tensors(tmp_path / "src")
     assert merged.keys() == base.keys() and all(not torch.equal(merged[k], base[k]) for k in base)
@@ -246,3 +319,7 @@ def test_clone_base_to_a_learner_checkpoint_server_side(s3: Any, prefix: str, ti
     assert report.ok and report.manifest_sha256 == digest
     assert manifest.base is not None and manifest.base.manifest_sha256 == base_sha
     assert sorted(f.name for f in manifest.files) == sorted(p.name for p in (tiny / "base").iterdir())
+    copies = open_store(target, client)
+    for entry in manifest.files:  # each copy carries a FULL_OBJECT SHA-256 the cheap check can use
+        stat = copies.head(entry.name)
+        assert stat is not None and stat.algorithm == "SHA256" and check_store_checksum(entry, stat) is None
