@@ -8,15 +8,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from privatefm_merge.adapter_log import AdapterMode
 from privatefm_merge.contract import AdapterRef, MergeJob, MergeResult
 from privatefm_operator import builders, conditions, decisions, naming
 from privatefm_operator.api import (
     Checkpoint,
+    IntegrityStatus,
     LearnerNamespaceSpec,
     LearnerNamespaceStatus,
     LearnerPhase,
     MergePhase,
     MergeTrigger,
+    RecoveryStatus,
 )
 from privatefm_operator.reconcilers.base import merge_patch
 from privatefm_operator.settings import Settings
@@ -434,3 +437,139 @@ def test_crd_reinstalled_only_for_a_new_established_uid() -> None:
     assert decisions.crd_reinstalled(seen, "a", "u2", True)
     assert not decisions.crd_reinstalled(seen, "a", "u2", True)   # once
     assert seen == {"a": "u2"}
+
+
+# ---- self-healing ----------------------------------------------------------------------------
+def test_checks_are_staggered_over_the_interval_and_due_once_per_slot() -> None:
+    hour, start = timedelta(hours=1), datetime(2026, 1, 1, tzinfo=UTC)
+    uids = [naming.ns_uid(f"learner-{i}") for i in range(200)]
+    # Each learner is due at its own moment: over one hour, never more than a few at once.
+    first_due = []
+    for uid in uids:
+        minute = next(m for m in range(1, 61) if decisions.check_due(uid, start, hour, start + timedelta(minutes=m)))
+        first_due.append(minute)
+    assert len(set(first_due)) > 40 and max(first_due.count(m) for m in set(first_due)) < 15
+    uid = uids[0]
+    now = start + timedelta(hours=5)
+    assert decisions.check_due(uid, None, hour, now)
+    assert not decisions.check_due(uid, now, hour, now + timedelta(seconds=1))
+    assert decisions.check_due(uid, now, hour, now + hour)
+
+
+@pytest.mark.parametrize(("manifest_sha", "listed", "stored", "checksums", "expected"), [
+    (None, None, {"a": 1}, None, [("ManifestMissing", "manifest.json")]),
+    ("f" * 64, {}, {"a": 1}, None, [("ChecksumMismatch", "manifest.json")]),
+    ("e" * 64, {"a": 1, "b": 2}, {"a": 1, "b": 2}, None, []),
+    ("e" * 64, {"a": 1, "b": 2}, {"a": 1}, None, [("FileMissing", "b")]),
+    ("e" * 64, {"a": 1, "b": 2}, {"a": 1, "b": 3}, None, [("SizeMismatch", "b")]),
+    ("e" * 64, {"a": 1, "b": 2}, {"a": 1, "b": 2}, {"b": ("x", "y")}, [("ChecksumMismatch", "b")]),
+    ("e" * 64, {"a": 1, "b": 2}, {"a": 1, "b": 2}, {"b": ("x", "x")}, []),
+    ("e" * 64, {"a": 1, "b": 2}, {"b": 5}, None, [("FileMissing", "a"), ("SizeMismatch", "b")]),
+])
+def test_cheap_check_findings(manifest_sha: str | None, listed: dict[str, int] | None, stored: dict[str, int],
+                              checksums: dict[str, tuple[str, str]] | None, expected: list[tuple[str, str]]) -> None:
+    found = decisions.cheap_findings("e" * 64, manifest_sha, listed, stored, checksums)
+    assert [(f.reason.value, f.file) for f in found] == expected
+
+
+def _checkpoint(version: int, base: int = 1) -> Checkpoint:
+    return Checkpoint(version=version, uri=f"s3://b/learners/x/checkpoints/v{version}", manifest_sha256="a" * 64,
+                      base_version=base)
+
+
+def test_a_failed_check_takes_the_checkpoint_out_and_a_newer_version_heals_it() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    status = LearnerNamespaceStatus(current_checkpoint=_checkpoint(3), last_assigned_version=3)
+    finding = decisions.Finding(decisions.Corruption.FILE_MISSING, "model-1.safetensors", "gone")
+    failed = decisions.integrity_checked(status, 3, [finding], now)
+    assert failed.current_checkpoint is None and failed.integrity is not None
+    assert (failed.integrity.failed_version, failed.integrity.reason, failed.integrity.file) == (
+        3, "FileMissing", "model-1.safetensors")
+    # A check of an older version does not touch the current one.
+    assert decisions.integrity_checked(status, 2, [finding], now).current_checkpoint == status.current_checkpoint
+    healed = decisions.advance_checkpoint(failed, _checkpoint(4))
+    assert healed.current_checkpoint == _checkpoint(4) and healed.integrity is not None
+    assert healed.integrity.failed_version is None and healed.integrity.checked_at == now
+    passed = decisions.integrity_checked(status, 3, [], now, deep=True)
+    assert passed.current_checkpoint == status.current_checkpoint and passed.integrity is not None
+    assert (passed.integrity.deep_checked_version, passed.integrity.failed_version) == (3, None)
+
+
+def test_fallback_reasons_in_order_and_a_pinned_base_never_lag_falls_back() -> None:
+    lagging = LearnerNamespaceStatus(current_checkpoint=_checkpoint(2), version_lag=4)
+    assert decisions.fallback_reason(lagging, False, 3, None).reason == "VersionLag"  # type: ignore[union-attr]
+    assert decisions.fallback_reason(lagging, True, 3, None) is None
+    assert decisions.fallback_reason(lagging.model_copy(update={"version_lag": 3}), False, 3, None) is None
+    requested = decisions.fallback_reason(lagging, True, 3, "now")
+    assert requested is not None and requested.reason == "Requested"
+    handled = lagging.model_copy(update={"recovery": RecoveryStatus(id=1, reason="Requested", request="now")})
+    assert decisions.fallback_reason(handled, True, 3, "now") is None  # that request was answered
+    corrupt = lagging.model_copy(update={"integrity": IntegrityStatus(failed_version=2, reason="FileMissing")})
+    assert decisions.fallback_reason(corrupt, True, 3, "now").reason == "Corruption"  # type: ignore[union-attr]
+
+
+def test_a_fallback_retries_with_a_doubling_delay_then_gives_up_until_the_spec_or_request_changes() -> None:
+    now, backoff = datetime(2026, 1, 1, tzinfo=UTC), timedelta(seconds=60)
+    why = decisions.Failure("Corruption", "v2 failed")
+    rec = decisions.start_recovery(None, why, 5, None, now)
+    assert rec is not None and (rec.id, rec.merge, rec.attempts) == (1, "fallback-1-1", 0)
+    assert decisions.start_recovery(rec, why, 5, None, now) is None  # one at a time
+    rec = decisions.recovery_after_attempt(rec, False, 3, backoff, now)
+    assert (rec.merge, rec.attempts, rec.next_attempt_at) == ("fallback-1-2", 1, now + backoff)
+    rec = decisions.recovery_after_attempt(rec, False, 3, backoff, now)
+    assert (rec.merge, rec.attempts, rec.next_attempt_at) == ("fallback-1-3", 2, now + 2 * backoff)
+    rec = decisions.recovery_after_attempt(rec, False, 3, backoff, now)
+    assert rec.failed_at == now and rec.attempts == 3 and not decisions.recovery_active(rec)
+    assert decisions.start_recovery(rec, why, 5, None, now) is None  # Stalled: same spec, same request
+    again = decisions.start_recovery(rec, why, 6, None, now)
+    assert again is not None and (again.id, again.merge) == (2, "fallback-2-1")
+    assert decisions.start_recovery(rec, why, 5, "please", now) is not None
+    done = decisions.recovery_after_attempt(again, True, 3, backoff, now)
+    assert done.completed_at == now and not decisions.recovery_active(done)
+
+
+def test_learner_status_shows_recovery_corruption_and_a_fallback_that_gave_up() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    facts = decisions.LearnerFacts(generation=1, now=now, ns_uid="abc", namespace="lrn-x", latest_base=1,
+                                   checkpoints_uri="s3://b/learners/x/checkpoints")
+
+    def cond(status: LearnerNamespaceStatus, kind: str) -> tuple[str, str]:
+        c = conditions.find(status.conditions, kind)
+        assert c is not None
+        return c.status.value, c.reason
+
+    corrupt = LearnerNamespaceStatus(integrity=IntegrityStatus(failed_version=2, reason="SizeMismatch",
+                                                               file="model-1.safetensors", message="short"))
+    out = decisions.learner_status(facts, corrupt)
+    assert out.phase == LearnerPhase.DEGRADED and cond(out, "Degraded") == ("True", "SizeMismatch")
+    assert cond(out, "Ready") == ("False", "SizeMismatch")
+    recovering = corrupt.model_copy(update={"recovery": RecoveryStatus(id=1, reason="Corruption",
+                                                                       merge="fallback-1-1")})
+    out = decisions.learner_status(facts, recovering)
+    assert out.phase == LearnerPhase.RECOVERING and cond(out, "Recovering") == ("True", "Corruption")
+    assert cond(out, "Reconciling") == ("True", "Corruption") and cond(out, "Stalled")[0] == "False"
+    gave_up = corrupt.model_copy(update={"recovery": RecoveryStatus(id=1, reason="Corruption", attempts=3,
+                                                                    failed_at=now)})
+    out = decisions.learner_status(facts, gave_up)
+    assert out.phase == LearnerPhase.FAILED and cond(out, "Stalled") == ("True", "FallbackFailed")
+    assert cond(out, "Recovering") == ("False", "FallbackFailed")
+
+
+@pytest.mark.parametrize(("log", "upto", "expected"), [
+    ([], None, []),
+    ([(1, AdapterMode.CUMULATIVE), (2, AdapterMode.INCREMENTAL), (3, AdapterMode.INCREMENTAL)], None, [1, 2, 3]),
+    ([(1, AdapterMode.CUMULATIVE), (2, AdapterMode.CUMULATIVE), (3, AdapterMode.INCREMENTAL)], None, [2, 3]),
+    ([(1, AdapterMode.CUMULATIVE), (2, AdapterMode.CUMULATIVE), (3, AdapterMode.INCREMENTAL)], 2, [2]),
+    ([(1, AdapterMode.INCREMENTAL), (2, AdapterMode.INCREMENTAL)], None, [1, 2]),
+    ([(1, AdapterMode.CUMULATIVE)], 7, []),
+])
+def test_a_run_folds_the_log_from_its_newest_cumulative_adapter(log: list[tuple[int, AdapterMode]],
+                                                                 upto: int | None, expected: list[int]) -> None:
+    assert decisions.adapters_to_fold(log, upto) == expected
+
+
+def test_plan_failure_for_a_missing_adapter_except_a_reclone() -> None:
+    assert decisions.plan_failure("m", 1, True, None, "p", reclone=True) is None
+    assert decisions.plan_failure("m", 1, True, None, "p").reason == "NoAdapter"  # type: ignore[union-attr]
+    failure = decisions.plan_failure("m", 1, True, None, "p", requested_adapter=7, reclone=True)
+    assert failure is not None and "no adapter 7" in failure.message

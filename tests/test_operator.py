@@ -1091,6 +1091,25 @@ def test_a_fallback_that_always_fails_backs_off_then_stalls(learner: LearnerHand
     learner.wait_status(lambda s: (s.get("recovery") or {}).get("id") == 2, "a new fallback to start")
 
 
+def test_a_learner_without_adapters_falls_back_to_a_server_side_reclone(kube: Kube, s3: S3Info,
+                                                                        operator: OperatorProcess, uid: str) -> None:
+    handle = new_learner(kube, s3, f"clone-{uid}", f"c{uid}")
+    try:
+        kube.kubectl("annotate", "lns", handle.name, "privatefm.io/fallback-requested=first")
+        status = handle.wait_status(lambda s: (s.get("recovery") or {}).get("completedAt") and s, "the re-clone")
+        merge = handle.merge(status["recovery"]["merge"])["status"]
+        assert (merge["phase"], merge["reason"], merge["adapterSeqs"]) == ("Succeeded", "Recloned", [])
+        assert get(kube, "job", status["recovery"]["merge"], "-n", handle.namespace) == {}  # no Job, no pod
+        current = status["currentCheckpoint"]
+        manifest = handle.manifest(current["version"])
+        base = json.loads(S3Store(s3.client(), s3.bucket, layout.base_prefix(seed.BASE_MODEL, 1)).read_bytes(
+            layout.MANIFEST_NAME))
+        assert shard_digests(manifest) == shard_digests(base) and manifest["version"] == current["version"]
+        assert handle.status()["phase"] == "Ready"
+    finally:
+        handle.delete()
+
+
 def test_nothing_ever_writes_under_base(s3: S3Info, base_model: str, operator: OperatorProcess) -> None:
     """Runs last in this module (which merged, fell back and re-cloned many times): every object
     under base/ is byte-identical to what its publisher wrote, which the publisher sealed with sha256."""
