@@ -1,19 +1,22 @@
-"""The streaming merge: base safetensors + PEFT LoRA adapter -> a new, hash-listed checkpoint.
+"""The streaming merge: base safetensors + a log of PEFT LoRA adapters -> a new, hash-listed checkpoint.
 
 Plan first, then stream:
 
-1. **Plan** (reads only small things: headers, configs, listings). Refuse an output under
-   ``base/``; parse the adapter config and every shard header; map each adapter module to its
-   base tensor and check dtypes and shapes. Any problem fails here, before a byte is written.
-2. **Stream** each base shard in file order. The output shard reuses the base shard's header
-   verbatim (same names, dtypes, shapes, offsets); unadapted tensors are copied through in
-   chunks, adapted tensors are read whole (one at a time), merged in place, and passed on. Two
-   threads hash and write (or upload, as a multipart upload) while the next tensor is merged.
-   Memory: one adapted tensor being merged plus one being written, four 16 MiB copy buffers,
-   and a float32 scratch block, all reused.
+1. **Plan** (reads only small things: headers, configs, sidecars, listings). Refuse an output
+   under ``base/``; parse every adapter's config, ``privatefm.json`` sidecar and shard header;
+   check the fold order (a cumulative adapter only first); map each adapter module to its base
+   tensor and check dtypes and shapes. Any such problem fails here, before a byte is written.
+   The adapters' weights files are hashed for the manifest on a thread while the merge streams.
+2. **Stream** each base shard once, in file order, whatever the number of adapters. The output
+   shard reuses the base shard's header verbatim (same names, dtypes, shapes, offsets);
+   unadapted tensors are copied through in chunks; adapted tensors are read in chunks of whole
+   rows, every adapter's delta is folded into each chunk in order (in float32, rounded once),
+   on a small pool of compute threads, while a hash thread and a write thread (or multipart
+   upload) take the finished chunks in order. See ``_Merger``.
 3. **Commit**: check every written object's size in a fresh listing, then write
-   ``manifest.json`` last. Until it exists, the version does not exist. On failure the files
-   written so far are deleted (best effort) and no manifest is written.
+   ``manifest.json`` last, listing the files and the folded adapters with their sequence
+   numbers. Until it exists, the version does not exist. On failure the files written so far
+   are deleted (best effort) and no manifest is written.
 """
 
 from __future__ import annotations
@@ -146,8 +149,14 @@ class _Adapter:
     settings: LoraSettings
     config: dict[str, Any]
     header: SafetensorsHeader
-    files: list[FileEntry]
+    small_files: list[FileEntry]  # the config and the sidecar, read whole while planning
+    weights_digest: Future[FileDigest]  # hashed in the background, while the merge streams
     tensors: dict[str, TensorPlan]  # base tensor name -> how this adapter changes it
+
+    @property
+    def files(self) -> list[FileEntry]:
+        """The adapter's files as the manifest lists them (waits for the weights' hash)."""
+        return [self.small_files[0], FileEntry.of(self.weights_digest.result()), *self.small_files[1:]]
 
 
 @dataclass
@@ -187,7 +196,7 @@ def check_output_allowed(output_uri: str, *inputs: str) -> None:
 # Planning
 
 
-def _plan_adapter(adapter: Store, seq: int, base_tensors: dict[str, Any]) -> _Adapter:
+def _plan_adapter(adapter: Store, seq: int, base_tensors: dict[str, Any], hashing: ThreadPoolExecutor) -> _Adapter:
     try:
         config_bytes = adapter.read_bytes(ADAPTER_CONFIG_NAME)
     except NotFoundError:
@@ -209,16 +218,16 @@ def _plan_adapter(adapter: Store, seq: int, base_tensors: dict[str, Any]) -> _Ad
         header = read_header(adapter, ADAPTER_WEIGHTS_NAME)
     except SafetensorsError as err:
         raise adapter_invalid(str(err)) from None
-    files = [
+    small_files = [
         FileEntry(name=ADAPTER_CONFIG_NAME, size=len(config_bytes), sha256=sha256_hex(config_bytes)),
-        FileEntry.of(adapter.digest(ADAPTER_WEIGHTS_NAME)),
         *([FileEntry(name=SIDECAR_NAME, size=len(sidecar), sha256=sha256_hex(sidecar))] if sidecar else []),
     ]
     try:
         tensors = plan_merge(settings, header.tensors, base_tensors)
     except MergeError as err:
         raise MergeError(err.reason, f"adapter {adapter.uri}: {err.message}") from None
-    return _Adapter(adapter, seq, mode, settings, adapter_config, header, files, tensors)
+    weights_digest = hashing.submit(adapter.digest, ADAPTER_WEIGHTS_NAME)
+    return _Adapter(adapter, seq, mode, settings, adapter_config, header, small_files, weights_digest, tensors)
 
 
 def _fold_plans(adapters: list[_Adapter]) -> dict[str, list[tuple[int, TensorPlan]]]:
@@ -237,7 +246,7 @@ def _fold_plans(adapters: list[_Adapter]) -> dict[str, list[tuple[int, TensorPla
     return tensors
 
 
-def _plan(base: Store, adapters: list[tuple[Store, int]]) -> _Plan:
+def _plan(base: Store, adapters: list[tuple[Store, int]], hashing: ThreadPoolExecutor) -> _Plan:
     # The base.
     listing = {info.name: info.size for info in base.list_files()}
     base_manifest_sha256 = None
@@ -282,7 +291,7 @@ def _plan(base: Store, adapters: list[tuple[Store, int]]) -> _Plan:
         raise MergeError(Reason.BASE_INVALID, f"base index lists {len(weight_map)} tensors, shards hold "
                                               f"{len(all_tensors)}")
 
-    planned = [_plan_adapter(store, seq, all_tensors) for store, seq in adapters]
+    planned = [_plan_adapter(store, seq, all_tensors, hashing) for store, seq in adapters]
     tensors = _fold_plans(planned)
     weight_files = {*shard_names, *([index_name] if index_name else [])}
     extra_files = [name for name in listing
@@ -660,13 +669,12 @@ def merge_checkpoint(base_uri: str, adapters: str | Sequence[str], output_uri: s
     Raises ``MergeError`` for every expected failure."""
     options = options or MergeOptions()
     adapter_uris = [adapters] if isinstance(adapters, str) else list(adapters)
+    started = time.perf_counter()
     if not adapter_uris:
         raise MergeError(Reason.CONFIG_INVALID, "no adapter to merge: give at least one")
     seqs = list(options.adapter_seqs) if options.adapter_seqs is not None else default_seqs(adapter_uris)
     if len(seqs) != len(adapter_uris):
         raise MergeError(Reason.CONFIG_INVALID, f"{len(adapter_uris)} adapters but {len(seqs)} sequence numbers")
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
     check_output_allowed(output_uri, base_uri, *adapter_uris)
     try:
         resolve_device(options.device)
@@ -676,10 +684,18 @@ def merge_checkpoint(base_uri: str, adapters: str | Sequence[str], output_uri: s
     adapter_stores = [open_store(uri, s3_client) for uri in adapter_uris]
     out = open_store(output_uri, s3_client, part_size=options.part_size)
 
-    plan = _plan(base, list(zip(adapter_stores, seqs, strict=True)))
-    existing = _existing_commit(out, plan, base.uri, options)
-    if existing is not None:
-        return existing
+    # The adapters' weights are hashed (for the manifest) on a thread while the merge streams.
+    with ThreadPoolExecutor(1, thread_name_prefix="adapter-hash") as hashing:
+        plan = _plan(base, list(zip(adapter_stores, seqs, strict=True)), hashing)
+        existing = _existing_commit(out, plan, base.uri, options)
+        if existing is not None:
+            return existing
+        return _merge(plan, base, out, options, seqs, started)
+
+
+def _merge(plan: _Plan, base: Store, out: Store, options: MergeOptions, seqs: list[int],
+           started: float) -> MergeSummary:
+    timings: dict[str, float] = {}
     timings["plan_seconds"] = time.perf_counter() - started
     if options.progress:
         options.progress("planned", {
