@@ -971,12 +971,15 @@ def corrupt(s3: S3Info, prefix: str, how: str) -> str:
             del data[len(data) // 2:]
         else:  # flip one byte, same size
             data[len(data) - 7] ^= 0x01
-        client.put_object(Bucket=s3.bucket, Key=shard, Body=bytes(data))
+        # "flip-checksummed": rewritten by a client that sends a checksum, which the store keeps.
+        extra = {"ChecksumAlgorithm": "SHA256"} if how == "flip-checksummed" else {}
+        client.put_object(Bucket=s3.bucket, Key=shard, Body=bytes(data), **extra)
     return shard.rsplit("/", 1)[-1]
 
 
 @pytest.mark.parametrize(("how", "reason"), [("truncate", "SizeMismatch"), ("delete", "FileMissing"),
-                                              ("manifest", "ManifestMissing")])
+                                              ("manifest", "ManifestMissing"),
+                                              ("flip-checksummed", "ChecksumMismatch")])
 def test_a_damaged_checkpoint_is_detected_named_and_rebuilt_from_the_adapter_log(
         learner: LearnerHandle, s3: S3Info, how: str, reason: str) -> None:
     learner.publish_adapter(2, mode="incremental")

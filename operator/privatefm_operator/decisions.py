@@ -499,11 +499,11 @@ def check_due(ns_uid: str, last: datetime | None, interval: timedelta, now: date
 
 
 def cheap_findings(expected_manifest_sha256: str, manifest_sha256: str | None, listed: dict[str, int] | None,
-                   stored: dict[str, int], checksums: dict[str, tuple[str, str]] | None = None,
+                   stored: dict[str, int], checksum_problems: dict[str, str] | None = None,
                    manifest_name: str = "manifest.json") -> list[Finding]:
     """What a cheap check found, from the manifest's sha256 (None: missing), the sizes the manifest
-    lists, the sizes the store holds, and, where the store kept one at upload, each file's
-    checksum as (expected, stored). No model bytes are needed."""
+    lists, the sizes the store holds, and the files whose checksum the store kept at upload no
+    longer matches (with why). No model bytes are needed."""
     if manifest_sha256 is None or listed is None:
         return [Finding(Corruption.MANIFEST_MISSING, manifest_name, f"{manifest_name} is gone")]
     if manifest_sha256 != expected_manifest_sha256:
@@ -517,10 +517,8 @@ def cheap_findings(expected_manifest_sha256: str, manifest_sha256: str | None, l
         elif stored[name] != size:
             found.append(Finding(Corruption.SIZE_MISMATCH, name,
                                  f"{name} has {stored[name]} bytes, the manifest lists {size}"))
-        elif checksums and name in checksums and checksums[name][0] != checksums[name][1]:
-            expected, actual = checksums[name]
-            found.append(Finding(Corruption.CHECKSUM_MISMATCH, name,
-                                 f"{name}: the store's checksum is {actual}, expected {expected}"))
+        elif checksum_problems and name in checksum_problems:
+            found.append(Finding(Corruption.CHECKSUM_MISMATCH, name, f"{name}: {checksum_problems[name]}"))
     return found
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from privatefm_merge import contract, layout
 from privatefm_merge.adapter_log import SIDECAR_NAME, AdapterMode, parse_sidecar
 from privatefm_merge.errors import StorageError
-from privatefm_merge.manifest import Manifest, parse_manifest, sha256_hex
+from privatefm_merge.manifest import Manifest, check_store_checksum, parse_manifest, sha256_hex
 from privatefm_merge.seal import clone_checkpoint
 from privatefm_merge.store import S3Store, make_s3_client
 from privatefm_merge.verify import VerifyReport, read_manifest, verify_checkpoint
@@ -139,9 +139,16 @@ class Storage:
         return decisions.cheap_findings(expected_manifest_sha256, sha256_hex(data), listed, stored,
                                         self._checksums(store, manifest))
 
-    def _checksums(self, store: S3Store, manifest: Manifest) -> dict[str, tuple[str, str]]:
-        """(expected, stored) checksums of the files whose upload left one the store keeps."""
-        return {}
+    def _checksums(self, store: S3Store, manifest: Manifest) -> dict[str, str]:
+        """Files whose checksum the store kept at upload no longer matches the manifest (one HEAD
+        per file; no object bytes). A file whose store kept no checksum cannot be checked here."""
+        problems = {}
+        for entry in manifest.files:
+            stat = store.head(entry.name)
+            problem = check_store_checksum(entry, stat) if stat is not None else None
+            if problem is not None:
+                problems[entry.name] = problem.detail
+        return problems
 
     def clone_base(self, model: str, base_version: int, ns_uid: str, version: int,
                    parent_version: int | None) -> tuple[int, str]:
