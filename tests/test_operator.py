@@ -994,7 +994,8 @@ def test_a_damaged_checkpoint_is_detected_named_and_rebuilt_from_the_adapter_log
                                     and s["integrity"], f"the {how} to be detected", timeout=60)
     assert (integrity["reason"], integrity["file"]) == (reason, damaged)
     # The fallback replays the adapter log into a new verified version.
-    status = learner.wait_status(lambda s: (s.get("currentCheckpoint") or {}).get("version", 0) > 1 and s,
+    status = learner.wait_status(lambda s: (s.get("currentCheckpoint") or {}).get("version", 0) > 1
+                                 and (s.get("recovery") or {}).get("completedAt") and s,
                                  "the fallback to produce a new version", timeout=120)
     recovery = status["recovery"]
     assert recovery["reason"] == "Corruption" and recovery["completedAt"] and recovery["attempts"] == 0
