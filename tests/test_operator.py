@@ -1059,7 +1059,8 @@ def test_lag_beyond_three_versions_falls_back_unless_pinned(kube: Kube, s3: S3In
         assert status["phase"] == "Ready"
 
         seed.publish_base(publisher, s3.bucket, model=model, version=5)
-        status = free.wait_status(lambda s: (s.get("currentCheckpoint") or {}).get("baseVersion") == 5 and s,
+        status = free.wait_status(lambda s: (s.get("currentCheckpoint") or {}).get("baseVersion") == 5
+                                  and (s.get("recovery") or {}).get("completedAt") and s,
                                   "the lagging learner to fall back to v5", timeout=120)
         assert status["recovery"]["reason"] == "VersionLag" and status["versionLag"] == 0
         assert status["currentCheckpoint"]["adapterSeqs"] == [1]
