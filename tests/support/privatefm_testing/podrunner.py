@@ -167,7 +167,10 @@ class PodRunner:
             if os.environ.get("PYTHONPATH"):  # and so is its Python path (a checkout under test)
                 env["PYTHONPATH"] = os.environ["PYTHONPATH"]
             message_file = Path(translate(container.get("terminationMessagePath", "/dev/termination-log"), mounts))
-            command = [*(container.get("command") or []), *(container.get("args") or [])]
+            # A path argument names what the container sees there, as an env value does (e.g.
+            # ``--result-path /dev/termination-log``).
+            command = [translate(arg, mounts) for arg in [*(container.get("command") or []),
+                                                          *(container.get("args") or [])]]
             exe = shutil.which(command[0], path=env["PATH"]) if command else None
             if not exe:
                 raise FileNotFoundError(f"executable {command[:1]} not found on PATH")
