@@ -41,6 +41,19 @@ _FIELD = re.compile(r"^metadata\.(annotations|labels)\['(.+)'\]$")
 Hook = Callable[[dict[str, Any], int], None]
 
 
+class Hooks:
+    """Per-namespace hooks the pod runner calls after a pod's process exits, before it reports (tests use
+    them to tamper with what a merge pod wrote)."""
+
+    def __init__(self) -> None:
+        self.by_namespace: dict[str, Callable[[dict[str, Any], int], None]] = {}
+
+    def __call__(self, pod: dict[str, Any], code: int) -> None:
+        hook = self.by_namespace.get(pod["metadata"]["namespace"])
+        if hook:
+            hook(pod, code)
+
+
 def field_ref(pod: dict[str, Any], path: str) -> str:
     meta = pod["metadata"]
     if m := _FIELD.match(path):
