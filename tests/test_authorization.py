@@ -205,8 +205,8 @@ MATRIX: tuple[Row, ...] = (
     Row("create a Job in learner A's namespace", "POST", "/apis/batch/v1/namespaces/{a}/jobs", JOB,
         expect=_all(ALLOWED)),
     Row("delete a Job in learner A's namespace (a verify Job)", "DELETE",
-        "/apis/batch/v1/namespaces/{a}/jobs/authz-{uid}", expect=_all(ALLOWED)),
-    Row("delete a Job in kube-system", "DELETE", "/apis/batch/v1/namespaces/kube-system/jobs/authz-{uid}",
+        "/apis/batch/v1/namespaces/{a}/jobs/authz-del-{uid}", expect=_all(ALLOWED)),
+    Row("delete a Job in kube-system", "DELETE", "/apis/batch/v1/namespaces/kube-system/jobs/authz-del-{uid}",
         expect={**_all("outside"), "cluster-admin": ALLOWED}),
     Row("bind `admin` in learner A's namespace (RoleBinding)", "POST",
         "/apis/rbac.authorization.k8s.io/v1/namespaces/{a}/rolebindings",
@@ -452,8 +452,9 @@ def cluster(kube: Kube) -> Iterator[Setup]:
     ns.append({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": names["app"]}})
     secrets = [{"apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"authz-{uid}", "namespace": where},
                 "stringData": {"password": "hunter2"}} for where in ("kube-system", names["a"], names["app"])]
-    jobs = [{**JOB, "metadata": {"name": f"authz-{uid}", "namespace": where}, "spec": {**JOB["spec"], "suspend": True}}
-            for where in ("kube-system", names["a"])]  # suspended: nothing runs; only deleted (dry run)
+    # Suspended: nothing runs; they are only deleted (in dry runs).
+    jobs = [{**JOB, "metadata": {"name": f"authz-del-{uid}", "namespace": where},
+             "spec": {**JOB["spec"], "suspend": True}} for where in ("kube-system", names["a"])]
     grants = (
         (names["a"], "privatefm-learner", "learner-a@learners.test"),
         (names["b"], "privatefm-learner", "learner-b@learners.test"),
@@ -517,7 +518,7 @@ def cluster(kube: Kube) -> Iterator[Setup]:
         kube.kubectl("delete", "clusterrolebinding", f"authz-guardians-{uid}", "--ignore-not-found", check=False)
         for where in ("kube-system", names["app"]):
             kube.kubectl("delete", "secret", f"authz-{uid}", "-n", where, "--ignore-not-found", check=False)
-        kube.kubectl("delete", "job", f"authz-{uid}", "-n", "kube-system", "--ignore-not-found", check=False)
+        kube.kubectl("delete", "job", f"authz-del-{uid}", "-n", "kube-system", "--ignore-not-found", check=False)
         # A running operator (another module's) would have made namespaces for the two learners.
         extra = [naming.namespace_name(i, naming.ns_uid(i)) for i in (f"authz{uid}", f"authzfresh{uid}",
                                                                           f"authzapproved{uid}")]
