@@ -204,6 +204,10 @@ MATRIX: tuple[Row, ...] = (
         expect={**_all("outside"), "cluster-admin": ALLOWED, "app-admin": ALLOWED}),
     Row("create a Job in learner A's namespace", "POST", "/apis/batch/v1/namespaces/{a}/jobs", JOB,
         expect=_all(ALLOWED)),
+    Row("delete a Job in learner A's namespace (a verify Job)", "DELETE",
+        "/apis/batch/v1/namespaces/{a}/jobs/authz-del-{uid}", expect=_all(ALLOWED)),
+    Row("delete a Job in kube-system", "DELETE", "/apis/batch/v1/namespaces/kube-system/jobs/authz-del-{uid}",
+        expect={**_all("outside"), "cluster-admin": ALLOWED}),
     Row("bind `admin` in learner A's namespace (RoleBinding)", "POST",
         "/apis/rbac.authorization.k8s.io/v1/namespaces/{a}/rolebindings",
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "authz-{uid}"},
@@ -448,6 +452,9 @@ def cluster(kube: Kube) -> Iterator[Setup]:
     ns.append({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": names["app"]}})
     secrets = [{"apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"authz-{uid}", "namespace": where},
                 "stringData": {"password": "hunter2"}} for where in ("kube-system", names["a"], names["app"])]
+    # Suspended: nothing runs; they are only deleted (in dry runs).
+    jobs = [{**JOB, "metadata": {"name": f"authz-del-{uid}", "namespace": where},
+             "spec": {**JOB["spec"], "suspend": True}} for where in ("kube-system", names["a"])]
     grants = (
         (names["a"], "privatefm-learner", "learner-a@learners.test"),
         (names["b"], "privatefm-learner", "learner-b@learners.test"),
@@ -469,7 +476,7 @@ def cluster(kube: Kube) -> Iterator[Setup]:
                               {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": GUARDIAN_GROUP},
                               {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": SAMPLE_GUARDIAN}]}
     _apply(kube, *ns)
-    _apply(kube, *secrets, *bindings, guardians, _lns(names["lns"], f"authz{uid}", guarded=True),
+    _apply(kube, *secrets, *jobs, *bindings, guardians, _lns(names["lns"], f"authz{uid}", guarded=True),
            _lns(names["fresh"], f"authzfresh{uid}"), _lns(names["approved"], f"authzapproved{uid}"),
            {"apiVersion": "privatefm.io/v1alpha1", "kind": "AdapterMerge",
             "metadata": {"name": f"am-{uid}", "namespace": names["a"]}, "spec": {"trigger": "Manual"}})
@@ -511,6 +518,7 @@ def cluster(kube: Kube) -> Iterator[Setup]:
         kube.kubectl("delete", "clusterrolebinding", f"authz-guardians-{uid}", "--ignore-not-found", check=False)
         for where in ("kube-system", names["app"]):
             kube.kubectl("delete", "secret", f"authz-{uid}", "-n", where, "--ignore-not-found", check=False)
+        kube.kubectl("delete", "job", f"authz-del-{uid}", "-n", "kube-system", "--ignore-not-found", check=False)
         # A running operator (another module's) would have made namespaces for the two learners.
         extra = [naming.namespace_name(i, naming.ns_uid(i)) for i in (f"authz{uid}", f"authzfresh{uid}",
                                                                           f"authzapproved{uid}")]
@@ -615,7 +623,7 @@ OPERATOR_CALLS = {
     ("", "limitranges"): {"create", "patch"},
     ("networking.k8s.io", "networkpolicies"): {"create", "patch"},
     ("batch", "cronjobs"): {"get", "create", "patch"},                               # apply; owner check
-    ("batch", "jobs"): {"get", "list", "watch", "create", "patch"},                  # get, create, un-suspend; kopf
+    ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},        # + delete a verify Job; kopf
     ("", "pods"): {"list"},                                                          # a run's termination message
 }
 
@@ -627,7 +635,7 @@ def test_operator_rbac_is_exactly_what_it_calls() -> None:
         granted = _grants(source)
         assert granted == expected, sorted(granted ^ expected)
     assert {g for g in expected if g[2] in ("delete", "deletecollection", "update", "escalate", "bind")} == {
-        ("", "namespaces", "delete")}
+        ("", "namespaces", "delete"), ("batch", "jobs", "delete")}
     assert not {("", "secrets", v) for v in ("get", "list", "watch")} & expected
 
 

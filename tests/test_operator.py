@@ -29,13 +29,12 @@ from privatefm_merge import layout
 from privatefm_merge.store import S3Store
 from privatefm_testing import seed
 from privatefm_testing.cluster import Credentials, S3Info
-from privatefm_testing.kube import Kube, token_kubeconfig, wait_for
+from privatefm_testing.kube import Kube, wait_for
 from privatefm_testing.operator_proc import OperatorProcess
-from privatefm_testing.podrunner import PodRunner
+from privatefm_testing.podrunner import Hooks
 
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[1]
-OPERATOR_SA = ("privatefm-system", "privatefm-operator")
 GUARDIAN = "parent-of-bo"  # the guardian of manifests/samples/learnernamespace-minimal.yaml
 APPROVAL = "privatefm.io/deletion-approved-by"
 GUARDIAN_GROUP, GROUP_MEMBER = "school-admins", "teacher-1"
@@ -52,73 +51,6 @@ def local_pods_only(request: pytest.FixtureRequest) -> None:
     if request.config.getoption("--cluster") != "local":
         pytest.skip("the operator end-to-end tests run merge pods through the local pod runner; on kind they "
                     "would need the merge image built and loaded into the cluster, which is not wired up yet")
-
-
-@pytest.fixture(scope="session")
-def operator_kubeconfig(kube: Kube) -> Path:
-    """The operator's own identity: a ServiceAccount token bound only by manifests/rbac.yaml."""
-    kube.kubectl("apply", "-k", str(REPO / "crds"))
-    # Another module may have just uninstalled (the namespace is still terminating).
-    kube.kubectl("wait", "--for=delete", "namespace/privatefm-system", "--timeout=90s", check=False)
-    kube.kubectl("apply", "-f", str(REPO / "manifests" / "namespace.yaml"))
-    kube.kubectl("apply", "-f", str(REPO / "manifests" / "rbac.yaml"))
-    kube.kubectl("apply", "-f", str(REPO / "manifests" / "admission.yaml"))  # the operator runs confined
-    kube.kubectl("wait", "--for=condition=Established", "crd/learnernamespaces.privatefm.io",
-                 "crd/adaptermerges.privatefm.io", "--timeout=60s")
-    # The shipped guardian role (patch LearnerNamespaces; the guardian-approval policy admits only the
-    # approval), bound to the sample learners' guardian and to a group of guardians.
-    kube.kubectl("apply", "-f", str(REPO / "manifests" / "people-roles.yaml"))
-    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-               "metadata": {"name": "test-guardians"},
-               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                           "name": "privatefm-guardian"},
-               "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": GUARDIAN},
-                            {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": GUARDIAN_GROUP}]}
-    kube.kubectl("apply", "-f", "-", input=json.dumps(binding))
-    token = kube.kubectl("create", "token", OPERATOR_SA[1], "-n", OPERATOR_SA[0], "--duration=6h").stdout.strip()
-    return token_kubeconfig(kube.kubeconfig, token, kube.workdir / "operator.kubeconfig")
-
-
-@pytest.fixture(scope="session")
-def base_model(s3: S3Info) -> str:
-    return seed.publish_base(s3.publisher.client(retries=3), s3.bucket, version=1)  # the publisher's job
-
-
-class Hooks:
-    """Per-namespace hooks the pod runner calls after a merge process exits, before it reports."""
-
-    def __init__(self) -> None:
-        self.by_namespace: dict[str, Callable[[dict[str, Any], int], None]] = {}
-
-    def __call__(self, pod: dict[str, Any], code: int) -> None:
-        hook = self.by_namespace.get(pod["metadata"]["namespace"])
-        if hook:
-            hook(pod, code)
-
-
-@pytest.fixture(scope="session")
-def hooks() -> Hooks:
-    return Hooks()
-
-
-@pytest.fixture(scope="session")
-def podrunner(kube: Kube, hooks: Hooks, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodRunner]:
-    runner = PodRunner(kube.api_client(), tmp_path_factory.mktemp("pods"), after_exit=hooks).start()
-    yield runner
-    runner.stop()
-
-
-@pytest.fixture(scope="session")
-def operator(kube: Kube, s3: S3Info, operator_kubeconfig: Path, base_model: str, podrunner: PodRunner,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    proc = OperatorProcess(operator_kubeconfig, s3, tmp_path_factory.mktemp("operator") / "operator.log",
-                           merge_gpus="0", resync_seconds="2", merge_image="privatefm/merge:test",
-                           store_timeout_seconds="1", store_grace_seconds="8", integrity_check_seconds="3",
-                           fallback_backoff_seconds="5")
-    proc.start()
-    yield proc
-    proc.stop()
-    print(proc.log_tail(80))
 
 
 @dataclass

@@ -364,6 +364,30 @@ VERIFY_ROWS: list[Row] = [
     ("verify", "list A's checkpoints", False, list_(f"{layout.learner_prefix(A)}/checkpoints/")),
     ("verify", "list the whole bucket", False, list_(None)),
     ("verify", "create a bucket", False, create_bucket("privatefm-other")),
+    # read-only: nothing anywhere may change, its own checkpoint included
+    ("verify", "batch-delete from the checkpoint", False, delete_batch(f"{A_PREVIOUS}/manifest.json")),
+    ("verify", "copy into the checkpoint", False, copy(f"{A_PREVIOUS}/manifest.json", f"{A_PREVIOUS}/copy.json")),
+    ("verify", "write another version of A", False, put(f"{A_TARGET}/x")),
+    ("verify", "delete from another version of A", False, delete(f"{A_TARGET}/seeded.json")),
+    ("verify", "write A's adapters", False, put(f"{A_ADAPTER}/adapter_model.safetensors")),
+    ("verify", "append to A's event log", False, put(f"{layout.events_prefix(A)}/0002.json")),
+    ("verify", "write B's checkpoint", False, put(f"{layout.checkpoint_prefix(B, 1)}/manifest.json")),
+    ("verify", "delete B's checkpoint", False, delete(f"{layout.checkpoint_prefix(B, 1)}/manifest.json")),
+    ("verify", "overwrite a file of a base version", False, put(f"{BASE}/config.json")),
+    ("verify", "delete a file of a base version", False, delete(f"{BASE}/config.json")),
+    ("verify", "write the audit log", False, put(f"audit/{A}.json")),
+    # and nothing else may be read or listed
+    ("verify", "read A's event log", False, get(f"{layout.events_prefix(A)}/0001.json")),
+    ("verify", "list the checkpoint without its trailing slash (would list v10)", False, list_(A_PREVIOUS)),
+    ("verify", "list A's whole prefix", False, list_(f"{layout.learner_prefix(A)}/")),
+    ("verify", "list B's prefix", False, list_(f"{layout.learner_prefix(B)}/")),
+    ("verify", "list B's checkpoint", False, list_(f"{layout.checkpoint_prefix(B, 1)}/")),
+    ("verify", "read the adapter of a learner whose uid extends A's", False,
+     get(f"{layout.adapter_prefix(A_EXT, 1)}/adapter_config.json")),
+    ("verify", "list the bucket's multipart uploads", False, list_uploads),
+    ("verify", "delete the bucket", False, delete_bucket),
+    ("verify", "assume a role again (escape the session policy)", False, assume_role_again),
+    ("verify", "create a service account (admin API)", False, create_service_account),
 ]
 
 IDENTITY_ROWS: list[Row] = [

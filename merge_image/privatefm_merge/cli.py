@@ -2,7 +2,8 @@
 
     privatefm-merge [merge] --base <dir|s3://…> --adapter <dir|s3://…> [--adapter …] --output <dir|s3://…>
                     [--device …]   # --adapter again for each adapter of the log, in fold order
-    privatefm-merge verify <dir|s3://…> [--sizes-only] [--json]
+    privatefm-merge verify <dir|s3://…> [--sizes-only] [--json] [--result-path PATH]
+                    # --result-path: a VerifyResult JSON there (a verify Job's termination message)
     privatefm-merge seal <dir|s3://…> [--version K]   # write manifest.json for e.g. an uploaded base
     privatefm-merge pod     # job from PRIVATEFM_* variables, result JSON to PRIVATEFM_RESULT_PATH
 
@@ -19,19 +20,26 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from privatefm_merge.contract import (
     DEVICES,
+    PROBLEM_REASONS,
     MergeJob,
     MergeResult,
     Reason,
+    VerifyReason,
+    VerifyResult,
     part_size_from_env,
     result_path_from_env,
 )
 from privatefm_merge.errors import MergeError, StorageError
 from privatefm_merge.jsonlog import JsonFormatter
+from privatefm_merge.layout import MANIFEST_NAME
 from privatefm_merge.store import DEFAULT_PART_SIZE
+
+if TYPE_CHECKING:
+    from privatefm_merge.verify import VerifyReport
 
 log = logging.getLogger("privatefm_merge")
 
@@ -150,6 +158,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         report = verify_checkpoint(args.uri, hash_files=not args.sizes_only)
     except StorageError as err:
         print(f"error: {err.message}", file=sys.stderr)
+        if args.result_path:
+            _write_verify_result(args.result_path, VerifyResult(
+                status="Failed", uri=args.uri, reason=VerifyReason.STORAGE_ERROR.value, message=err.message))
         return 1
     if args.json:
         print(json.dumps({"uri": report.uri, "exists": report.exists, "ok": report.ok,
@@ -162,7 +173,32 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"OK {report.uri}: {report.message}; manifest sha256 {report.manifest_sha256}")
     else:
         print(f"FAILED {report.uri}: {report.message}", file=sys.stderr)
+    if args.result_path:
+        _write_verify_result(args.result_path, verify_result(report))
     return 0 if report.ok else 1
+
+
+def verify_result(report: VerifyReport) -> VerifyResult:
+    """A ``VerifyReport`` as the verify Job's termination message: the first bad file (by name) and
+    its reason."""
+    common = {"uri": report.uri, "manifest_sha256": report.manifest_sha256, "message": report.message,
+              "file_count": report.file_count if report.manifest else None,
+              "total_bytes": report.total_bytes if report.manifest else None}
+    if report.ok:
+        return VerifyResult(status="Passed", **common)
+    if not report.exists:
+        return VerifyResult(status="Failed", reason=VerifyReason.MANIFEST_MISSING.value, file=MANIFEST_NAME,
+                            **common)
+    first = report.problems[0]
+    return VerifyResult(status="Failed", reason=PROBLEM_REASONS[first.reason].value, file=first.name,
+                        bad_files=len(report.problems), **common)
+
+
+def _write_verify_result(path: str, result: VerifyResult) -> None:
+    try:
+        Path(path).write_text(result.to_json())
+    except OSError as err:
+        print(f"error: could not write the result to {path}: {err}", file=sys.stderr)
 
 
 def cmd_seal(args: argparse.Namespace) -> int:
@@ -198,6 +234,8 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("uri")
     verify.add_argument("--sizes-only", action="store_true", help="check existence and sizes, do not hash")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify.add_argument("--result-path", default=None, help="also write a compact VerifyResult JSON "
+                        "(< 4096 bytes) here, e.g. /dev/termination-log in a verify Job")
     seal = sub.add_parser("seal", help="write manifest.json for a checkpoint that has none "
                                        "(e.g. an uploaded base)")
     seal.add_argument("uri")

@@ -254,3 +254,56 @@ class MergeResult(BaseModel):
     @classmethod
     def from_json(cls, text: str | bytes) -> MergeResult:
         return cls.model_validate_json(text)
+
+
+# ---- the verify Job's termination message --------------------------------------------------------
+# ``privatefm-merge verify <uri> --result-path /dev/termination-log`` (the operator's deep check)
+# reports a ``VerifyResult`` there, as a merge pod reports a ``MergeResult``.
+
+class VerifyReason(StrEnum):
+    """Why a checkpoint failed verification (``VerifyResult.reason``); the first bad file decides."""
+
+    CHECKSUM_MISMATCH = "ChecksumMismatch"  # a file's sha256 differs from the manifest's
+    SIZE_MISMATCH = "SizeMismatch"          # a file's size differs from the manifest's
+    FILE_MISSING = "FileMissing"            # a listed file is not there
+    MANIFEST_MISSING = "ManifestMissing"    # no manifest.json: the version does not exist
+    MANIFEST_INVALID = "ManifestInvalid"    # manifest.json cannot be parsed
+    STORAGE_ERROR = "StorageError"          # the store could not be read: says nothing about the checkpoint
+
+
+# FileProblem.reason (privatefm_merge.manifest) -> VerifyReason
+PROBLEM_REASONS = {"missing": VerifyReason.FILE_MISSING, "size": VerifyReason.SIZE_MISMATCH,
+                   "sha256": VerifyReason.CHECKSUM_MISMATCH, "invalid": VerifyReason.MANIFEST_INVALID}
+
+
+class VerifyResult(BaseModel):
+    """What a verify Job reports in its termination message (compact JSON, camelCase keys)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True)
+
+    status: Literal["Passed", "Failed"]
+    uri: str | None = None
+    reason: str | None = None          # a VerifyReason when Failed
+    file: str | None = None            # the first bad file (by name)
+    bad_files: int = 0                 # how many files are bad
+    manifest_sha256: str | None = None
+    file_count: int | None = None
+    total_bytes: int | None = None
+    message: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "Passed"
+
+    def to_json(self) -> str:
+        """Compact JSON that always fits ``MAX_RESULT_BYTES``; an overlong message is cut."""
+        text = self.model_dump_json(by_alias=True)
+        if len(text.encode()) <= MAX_RESULT_BYTES or not self.message:
+            return text
+        keep = max(0, len(self.message.encode()) - (len(text.encode()) - MAX_RESULT_BYTES) - 64)
+        cut = self.message.encode()[:keep].decode(errors="ignore") + " …[truncated]" if keep else ""
+        return self.model_copy(update={"message": cut}).to_json()
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> VerifyResult:
+        return cls.model_validate_json(text)

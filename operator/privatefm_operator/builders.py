@@ -22,6 +22,12 @@ from privatefm_operator.api import LearnerNamespaceSpec, MergeSettings, MergeTri
 from privatefm_operator.settings import Settings
 
 PARAM_PREFIX = "merge.privatefm.io/"
+# The deep check: a verify Job rehashes one checkpoint on CPU with read-only store credentials.
+VERIFY_COMPONENT = "verify"
+VERIFY_CPU = "1"                       # hashing is one stream per file, a few at a time
+VERIFY_MEMORY = "512Mi"                # constant memory: a few read buffers, whatever the checkpoint's size
+VERIFY_DEADLINE_SECONDS = 2 * 3600     # ~14 GB (a 7B bf16 checkpoint) at 100 MB/s is under 3 minutes
+VERIFY_TTL_SECONDS = 7 * 86400         # a finished Job (and its Secret) stays a week for its outcome
 RESULT_PATH = contract.DEFAULT_RESULT_PATH
 # Contract variable -> pod annotation it is read from.
 PARAM_ANNOTATIONS = {
@@ -134,13 +140,15 @@ def service_account(learner: Learner) -> dict[str, Any]:
             "automountServiceAccountToken": False}
 
 
-def run_secret(learner: Learner, name: str, job: dict[str, Any], store_env: dict[str, str]) -> dict[str, Any]:
-    """One run's store credentials, owned by its Job: garbage collection removes them with it."""
+def run_secret(learner: Learner, name: str, job: dict[str, Any], store_env: dict[str, str],
+               component: str = "merge") -> dict[str, Any]:
+    """One run's (or verify Job's) store credentials, owned by its Job: garbage collection removes
+    them with it."""
     owner = {"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"],
              "uid": job["metadata"]["uid"], "controller": False, "blockOwnerDeletion": False}
     return {
         "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-        "metadata": {**_meta(learner, name, "merge"), "ownerReferences": [owner]},
+        "metadata": {**_meta(learner, name, component), "ownerReferences": [owner]},
         "stringData": store_env,
     }
 
@@ -155,6 +163,19 @@ def _resources(merge: MergeSettings, settings: Settings) -> dict[str, Any]:
     if n:
         limits["nvidia.com/gpu"] = str(n)  # extended resources: the request defaults to the limit
     return {"requests": requests, "limits": limits}
+
+
+def _security_context(settings: Settings) -> dict[str, Any]:
+    """Pod Security ``restricted``, as the learner's namespace enforces: the pod's part."""
+    return {"runAsNonRoot": True, "runAsUser": settings.merge_run_as_user,
+            "runAsGroup": settings.merge_run_as_user, "fsGroup": settings.merge_run_as_user,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _container_security() -> dict[str, Any]:
+    """... and the container's part."""
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
 
 
 def merge_pod_template(learner: Learner, settings: Settings, trigger: MergeTrigger,
@@ -177,11 +198,7 @@ def merge_pod_template(learner: Learner, settings: Settings, trigger: MergeTrigg
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "restartPolicy": "Never",
-        "securityContext": {
-            "runAsNonRoot": True, "runAsUser": settings.merge_run_as_user,
-            "runAsGroup": settings.merge_run_as_user, "fsGroup": settings.merge_run_as_user,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _security_context(settings),
         "containers": [{
             "name": "merge",
             "image": settings.merge_image,
@@ -190,10 +207,7 @@ def merge_pod_template(learner: Learner, settings: Settings, trigger: MergeTrigg
             "env": env,
             "envFrom": [{"secretRef": {"name": secret}}],
             "resources": _resources(merge, settings),
-            "securityContext": {
-                "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
-            },
+            "securityContext": _container_security(),
             "terminationMessagePath": RESULT_PATH,
             "terminationMessagePolicy": "File",
             "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
@@ -231,6 +245,63 @@ def merge_job(learner: Learner, settings: Settings, name: str, trigger: MergeTri
                                 naming.LABEL_TRIGGER: trigger.value},
                      "ownerReferences": [owner]},
         "spec": merge_job_spec(learner, settings, trigger, params, naming.run_secret(name)),
+    }
+
+
+def verify_command(uri: str) -> list[str]:
+    return ["privatefm-merge", "verify", uri, "--json", "--result-path", RESULT_PATH]
+
+
+def verify_job(learner: Learner, settings: Settings, name: str, version: int, uri: str,
+               secret_name: str) -> dict[str, Any]:
+    """The deep check of checkpoint ``version`` at ``uri``: the merge image rehashes every file
+    against its manifest and reports a ``VerifyResult`` in its termination message.
+
+    On CPU: no GPU, and the merge settings' node selector and tolerations (GPU nodes) are not
+    used; ``NVIDIA_VISIBLE_DEVICES=void`` keeps a node whose default runtime is NVIDIA's from
+    handing the (CUDA) image every GPU anyway. Like a merge pod it has no API token and runs
+    restricted; its store credentials (read-only, that one checkpoint) come from ``secret_name``,
+    a Secret owned by the Job. Created suspended, like merge Jobs: started once that Secret
+    exists. No ownerReference: nothing in a learner's namespace hangs off the CR.
+    """
+    labels = {**learner.labels, naming.LABEL_COMPONENT: VERIFY_COMPONENT, naming.LABEL_VERSION: str(version)}
+    container = {
+        "name": "verify",
+        "image": settings.merge_image,
+        "imagePullPolicy": settings.merge_image_pull_policy,
+        "command": verify_command(uri),
+        "env": [{"name": "HOME", "value": "/tmp"}, {"name": "TMPDIR", "value": "/tmp"},
+                {"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"}, {"name": "CUDA_VISIBLE_DEVICES", "value": ""}],
+        "envFrom": [{"secretRef": {"name": secret_name}}],
+        "resources": {"requests": {"cpu": VERIFY_CPU, "memory": VERIFY_MEMORY},
+                      "limits": {"memory": VERIFY_MEMORY}},  # no nvidia.com/gpu: the check runs on CPU
+        "securityContext": _container_security(),
+        "terminationMessagePath": RESULT_PATH,
+        "terminationMessagePolicy": "File",
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    pod = {
+        "metadata": {"labels": labels},
+        "spec": {
+            "serviceAccountName": naming.MERGE_SERVICE_ACCOUNT,
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            "restartPolicy": "Never",
+            "securityContext": _security_context(settings),
+            "containers": [container],
+            "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
+        },
+    }
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name, "namespace": learner.namespace, "labels": labels},
+        "spec": {
+            "backoffLimit": 0,  # a failed check is a result; the caller decides whether to try again
+            "activeDeadlineSeconds": VERIFY_DEADLINE_SECONDS,
+            "ttlSecondsAfterFinished": VERIFY_TTL_SECONDS,
+            "suspend": True,
+            "template": pod,
+        },
     }
 
 

@@ -115,10 +115,12 @@ class Kube:
                                content_type="application/merge-patch+json",
                                query=[("fieldManager", FIELD_MANAGER)]))
 
-    def delete(self, kind: str, name: str, namespace: str | None = None) -> bool:
-        """Deletes one object (in the background); False when it did not exist."""
+    def delete(self, kind: str, name: str, namespace: str | None = None, propagation: str | None = None) -> bool:
+        """Deletes one object (in the background); False when it did not exist. ``propagation``:
+        e.g. ``Background`` for a Job, whose pods the API would otherwise orphan."""
+        query = [("propagationPolicy", propagation)] if propagation else []
         try:
-            self._call("DELETE", self._path(kind, namespace, name))
+            self._call("DELETE", self._path(kind, namespace, name), query=query)
         except ApiException as err:
             if err.status == 404:
                 return False

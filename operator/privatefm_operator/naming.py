@@ -12,6 +12,7 @@ LABEL_LEARNER_ID = f"{GROUP}/learner-id"
 LABEL_NS_UID = f"{GROUP}/ns-uid"
 LABEL_TRIGGER = f"{GROUP}/trigger"
 LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_VERSION = f"{GROUP}/version"          # the checkpoint version a verify Job checks
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 
 # Holds every LearnerNamespace until a listed guardian approved and deletionDelay has passed.
@@ -69,3 +70,8 @@ def fallback_merge(recovery_id: int, attempt: int) -> str:
 def verify_job(version: int, check: int) -> str:
     """The deep-check Job of checkpoint ``version``; ``check`` counts deep checks of the learner."""
     return f"verify-v{version}-{check}"
+
+
+def verify_secret(job: str) -> str:
+    """The Secret holding deep-check Job ``job``'s read-only store credentials (never a run's: the '.')."""
+    return f"privatefm-verify.{job}"

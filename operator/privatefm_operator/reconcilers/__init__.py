@@ -1,5 +1,6 @@
 """One reconciler per resource: ``learner`` (LearnerNamespace), ``deletion`` (a LearnerNamespace
-being deleted), ``merge`` (AdapterMerge) and ``jobs`` (the merge Jobs' events). Each reconcile is
+being deleted), ``merge`` (AdapterMerge) and ``jobs`` (the merge Jobs' events); ``verify`` runs the
+deep checks' Jobs for the learner reconciler. Each reconcile is
 an ordered list of phases over a scope object, ending in one status write; decisions are the pure
 functions in ``decisions``."""
 
@@ -13,6 +14,7 @@ from privatefm_operator.reconcilers.deletion import DeletionReconciler
 from privatefm_operator.reconcilers.jobs import JobEvents
 from privatefm_operator.reconcilers.learner import LearnerReconciler
 from privatefm_operator.reconcilers.merge import MergeReconciler
+from privatefm_operator.reconcilers.verify import VerifyChecks
 from privatefm_operator.settings import Settings
 from privatefm_operator.storage import Storage
 
@@ -24,6 +26,7 @@ class Reconcilers:
     jobs: JobEvents
     deletions: DeletionReconciler
     kube: Kube
+    verify: VerifyChecks
 
 
 def build(settings: Settings) -> Reconcilers:
@@ -33,4 +36,4 @@ def build(settings: Settings) -> Reconcilers:
     merges = MergeReconciler(clients, learners)
     learners.merges = merges
     return Reconcilers(learners, merges, JobEvents(clients, merges), DeletionReconciler(clients, learners),
-                       clients.kube)
+                       clients.kube, VerifyChecks(clients))

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from privatefm_operator import metrics
+from privatefm_operator import metrics, naming
 from privatefm_operator.api import Resource, Status
 from privatefm_operator.kube import Kube, is_conflict
 from privatefm_operator.settings import Settings
@@ -133,6 +133,17 @@ def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any
 def labels_of(obj: Mapping[str, Any] | None) -> dict[str, str]:
     """An object's labels ({} for none, or no object)."""
     return dict(((obj or {}).get("metadata") or {}).get("labels") or {})
+
+
+def termination_message(kube: Kube, namespace: str, job: str) -> str | None:
+    """The newest termination message among Job ``job``'s pods (a merge or verify result), if any."""
+    pods = kube.list("Pod", namespace, selector=f"{naming.JOB_NAME_LABEL}={job}")
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""), reverse=True):
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (cs.get("state") or {}).get("terminated")
+            if terminated and terminated.get("message"):
+                return str(terminated["message"])
+    return None
 
 
 def distrust(kube: Kube, ref: dict[str, Any], reason: str, message: str) -> None:

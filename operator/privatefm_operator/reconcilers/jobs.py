@@ -1,4 +1,5 @@
 """Job events: every merge Job of ours has its AdapterMerge record, and its progress moves that run.
+Verify Jobs (the deep check) are not merges and are ignored here.
 
     on_job = record a scheduled run (a suspended CronJob Job has none yet) → reconcile its AdapterMerge
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from privatefm_operator import decisions, naming
+from privatefm_operator import builders, decisions, naming
 from privatefm_operator.api import AdapterMerge, AdapterMergeSpec, MergeTrigger
 from privatefm_operator.reconcilers.base import Clients
 from privatefm_operator.reconcilers.merge import MergeReconciler
@@ -38,6 +39,8 @@ class JobEvents:
         meta = job["metadata"]
         if meta.get("deletionTimestamp"):
             return
+        if (meta.get("labels") or {}).get(naming.LABEL_COMPONENT) == builders.VERIFY_COMPONENT:
+            return  # a deep check, not a merge: the learner's reconcile reads it (VerifyChecks.outcome)
         record = scheduled_run(job)
         if record is not None:
             # Labels are anyone's to write: only the learner's own CronJob's Jobs get a record.

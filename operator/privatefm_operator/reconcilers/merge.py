@@ -48,6 +48,7 @@ from privatefm_operator.reconcilers.base import (
     parse,
     retry_on_conflict,
     status_of,
+    termination_message,
     write_status,
 )
 from privatefm_operator.reconcilers.learner import LearnerReconciler, learner_of
@@ -423,11 +424,4 @@ class MergeReconciler:
             target_version=status.target_version)
 
     def _termination_message(self, scope: MergeScope) -> str | None:
-        namespace, name = scope.merge.namespace, scope.merge.name
-        pods = self.clients.kube.list("Pod", namespace, selector=f"{naming.JOB_NAME_LABEL}={name}")
-        for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""), reverse=True):
-            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-                terminated = (cs.get("state") or {}).get("terminated")
-                if terminated and terminated.get("message"):
-                    return str(terminated["message"])
-        return None
+        return termination_message(self.clients.kube, scope.merge.namespace or "", scope.merge.name)

@@ -41,6 +41,19 @@ _FIELD = re.compile(r"^metadata\.(annotations|labels)\['(.+)'\]$")
 Hook = Callable[[dict[str, Any], int], None]
 
 
+class Hooks:
+    """Per-namespace hooks the pod runner calls after a pod's process exits, before it reports (tests use
+    them to tamper with what a merge pod wrote)."""
+
+    def __init__(self) -> None:
+        self.by_namespace: dict[str, Callable[[dict[str, Any], int], None]] = {}
+
+    def __call__(self, pod: dict[str, Any], code: int) -> None:
+        hook = self.by_namespace.get(pod["metadata"]["namespace"])
+        if hook:
+            hook(pod, code)
+
+
 def field_ref(pod: dict[str, Any], path: str) -> str:
     meta = pod["metadata"]
     if m := _FIELD.match(path):
@@ -167,7 +180,10 @@ class PodRunner:
             if os.environ.get("PYTHONPATH"):  # and so is its Python path (a checkout under test)
                 env["PYTHONPATH"] = os.environ["PYTHONPATH"]
             message_file = Path(translate(container.get("terminationMessagePath", "/dev/termination-log"), mounts))
-            command = [*(container.get("command") or []), *(container.get("args") or [])]
+            # A path argument names what the container sees there, as an env value does (e.g.
+            # ``--result-path /dev/termination-log``).
+            command = [translate(arg, mounts) for arg in [*(container.get("command") or []),
+                                                          *(container.get("args") or [])]]
             exe = shutil.which(command[0], path=env["PATH"]) if command else None
             if not exe:
                 raise FileNotFoundError(f"executable {command[:1]} not found on PATH")
