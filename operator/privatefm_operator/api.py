@@ -364,6 +364,8 @@ class IntegrityStatus(Model):
     deep_checked_at: datetime | None = Field(default=None, description="Last deep check (every byte re-hashed).")
     deep_checked_version: int | None = Field(default=None, description="Version the deep check looked at.")
     verify_job: str | None = Field(default=None, description="The deep-check Job under way, if any.")
+    verify_version: int | None = Field(default=None, description="The checkpoint version that Job checks.")
+    deep_checks: int = Field(default=0, ge=0, description="Deep checks started for this learner; names their Jobs.")
     verify_request: str | None = Field(default=None, description="Last verify-requested annotation value handled.")
     failed_version: int | None = Field(default=None, description="The checkpoint version that failed a check.")
     reason: str | None = Field(default=None, description="ChecksumMismatch, SizeMismatch, FileMissing or "

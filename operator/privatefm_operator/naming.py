@@ -68,8 +68,9 @@ def fallback_merge(recovery_id: int, attempt: int) -> str:
 
 
 def verify_job(version: int, check: int) -> str:
-    """The deep-check Job of checkpoint ``version``; ``check`` counts deep checks of the learner."""
-    return f"verify-v{version}-{check}"
+    """The deep-check Job of checkpoint ``version``; ``check`` counts deep checks of the learner.
+    The '.' keeps it apart from every AdapterMerge's Job (an AdapterMerge's name is a DNS label)."""
+    return f"verify.v{version}-{check}"
 
 
 def verify_secret(job: str) -> str:

@@ -35,5 +35,6 @@ def build(settings: Settings) -> Reconcilers:
     learners = LearnerReconciler(clients)
     merges = MergeReconciler(clients, learners)
     learners.merges = merges
+    learners.verify = VerifyChecks(clients)
     return Reconcilers(learners, merges, JobEvents(clients, merges), DeletionReconciler(clients, learners),
-                       clients.kube, VerifyChecks(clients))
+                       clients.kube, learners.verify)

@@ -35,6 +35,7 @@ from privatefm_merge.errors import StorageError
 from privatefm_operator import builders, decisions, metrics, naming
 from privatefm_operator.api import (
     Checkpoint,
+    IntegrityStatus,
     LearnerNamespace,
     LearnerNamespaceStatus,
     MergePhase,
@@ -56,6 +57,8 @@ from privatefm_operator.reconcilers.base import (
     status_of,
     write_status,
 )
+from privatefm_operator.reconcilers.verify import VerifyChecks, VerifyConflict
+from privatefm_operator.storage import CredentialsDenied
 
 if TYPE_CHECKING:
     from privatefm_operator.reconcilers.merge import MergeReconciler
@@ -123,6 +126,7 @@ class LearnerReconciler:
     def __init__(self, clients: Clients) -> None:
         self.clients = clients
         self.merges: MergeReconciler | None = None  # set once both exist (they refer to each other)
+        self.verify: VerifyChecks | None = None
         self._locks = Locks()
         self._known: set[str] = set()
         self._warned: set[str] = set()
@@ -142,7 +146,7 @@ class LearnerReconciler:
         with self._locks(None, name):
             scope = LearnerScope(lns)
             for phase in (self.read_spec, self.hold, self.provision, self.observe_base, self.recover_history,
-                          self.check_integrity, self.heal):
+                          self.check_integrity, self.deep_check, self.heal):
                 step = phase(scope)
                 if step is Step.SKIP:
                     return scope.learner
@@ -292,6 +296,69 @@ class LearnerReconciler:
             scope.store_problem = str(err)
             return Step.CONTINUE
         self.record_check(scope, current.version, findings, now, deep=False)
+        return Step.CONTINUE
+
+    def deep_check(self, scope: LearnerScope) -> Step:
+        """Starts the verify Job when the learner's weekly slot comes or one is requested, and takes
+        its verdict once it has finished."""
+        learner, lns, now, settings = scope.learner, scope.lns, utc_now(), self.clients.settings
+        assert learner is not None and isinstance(lns, LearnerNamespace) and self.verify is not None
+        status = status_of(lns, LearnerNamespaceStatus)
+        integrity, current = status.integrity or IntegrityStatus(), status.current_checkpoint
+        if scope.store_problem:
+            return Step.CONTINUE
+        if integrity.verify_job and integrity.verify_version is not None:
+            return self._take_verdict(scope, learner, integrity, now)
+        requested = (lns.metadata.get("annotations") or {}).get(naming.VERIFY_ANNOTATION)
+        asked = bool(requested) and requested != integrity.verify_request
+        if current is None or integrity.failed_version == current.version:
+            return Step.CONTINUE
+        last = integrity.deep_checked_at if integrity.deep_checked_version == current.version else None
+        due = decisions.check_due(learner.ns_uid, last or current.verified_at,
+                                  timedelta(seconds=settings.deep_check_seconds), now)
+        if not (asked or due):
+            return Step.CONTINUE
+        name = naming.verify_job(current.version, integrity.deep_checks + 1)
+        try:
+            self.verify.start(learner, current.version, current.uri, name)
+        except (CredentialsDenied, VerifyConflict) as err:
+            problem = str(err)
+            scope.announcements.append(lambda: self._event(scope, "Warning", "DeepCheckNotStarted", problem))
+            return Step.CONTINUE
+        version = current.version
+        scope.mutations.append(lambda st: st.model_copy(update={"integrity": (st.integrity or IntegrityStatus())
+                                                                .model_copy(update={
+            "verify_job": name, "verify_version": version, "verify_request": requested or None,
+            "deep_checks": integrity.deep_checks + 1})}))
+        return Step.CONTINUE
+
+    def _take_verdict(self, scope: LearnerScope, learner: Learner, integrity: IntegrityStatus,
+                      now: datetime) -> Step:
+        assert self.verify is not None and integrity.verify_job and integrity.verify_version is not None
+        name, version = integrity.verify_job, integrity.verify_version
+        status = status_of(scope.lns, LearnerNamespaceStatus)
+        current = status.current_checkpoint
+        expected = current.manifest_sha256 if current is not None and current.version == version else None
+        outcome = self.verify.outcome(learner.namespace, name, expected)
+        if outcome is None:
+            return Step.CONTINUE
+        def done(st: LearnerNamespaceStatus) -> LearnerNamespaceStatus:
+            return st.model_copy(update={"integrity": (st.integrity or IntegrityStatus()).model_copy(update={
+                "verify_job": None, "verify_version": None})})
+        scope.mutations.append(done)
+        if outcome.passed or outcome.corrupt:
+            reason = decisions.Corruption.MANIFEST_MISSING if outcome.reason == "ManifestInvalid" else \
+                decisions.Corruption(outcome.reason) if outcome.reason else None
+            findings = [] if reason is None else [decisions.Finding(reason, outcome.file or "", outcome.message)]
+            self.record_check(scope, version, findings, now, deep=True)
+        else:  # the check could not finish: it says nothing about the bytes; the next slot tries again
+            scope.announcements.append(lambda: self._event(
+                scope, "Warning", "DeepCheckFailed", f"{name}: {outcome.reason}: {outcome.message}"))
+        verify = self.verify
+
+        def clean_up() -> None:
+            verify.delete(learner.namespace, name)
+        scope.announcements.append(clean_up)
         return Step.CONTINUE
 
     def record_check(self, scope: LearnerScope, version: int, findings: list[decisions.Finding], now: datetime,
