@@ -28,6 +28,11 @@ UNTRUSTED = Counter("privatefm_untrusted_objects_total",
                     "Objects ignored because their identity did not check out (a forged label, owner or status)",
                     ["kind", "reason"])
 RECONCILE_ERRORS = Counter("privatefm_reconcile_errors_total", "Reconciles that raised", ["kind"])
+CHECKPOINTS_PRUNED = Counter("privatefm_checkpoints_pruned_total", "Checkpoint versions deleted by retention")
+CHECKPOINT_BYTES_PRUNED = Counter("privatefm_checkpoint_bytes_pruned_total",
+                                  "Bytes of checkpoints deleted by retention")
+UPLOADS_ABORTED = Counter("privatefm_incomplete_uploads_aborted_total", "Stale unfinished multipart uploads aborted "
+                          "by retention")
 F = TypeVar("F", bound=Callable[..., Any])
 
 

@@ -61,5 +61,7 @@ class Settings(BaseSettings):
     deep_check_seconds: float = Field(default=7 * 86400.0, gt=0, description="Deep check (verify Job) interval "
                                                                              "per learner (staggered)")
     cleanup_cron: str = Field(default="0 4 * * 0", description="When retention prunes old checkpoints (UTC)")
+    stale_upload_seconds: float = Field(default=86400.0, ge=0, description="Retention aborts unfinished multipart "
+                                                                       "uploads older than this")
     resync_seconds: float = Field(default=60.0, gt=0, description="How often drift is repaired")
     http_port: int = Field(default=8080, description="/metrics, /healthz, /readyz")

@@ -259,3 +259,81 @@ class Storage:
                 config=Config(connect_timeout=settings.store_timeout_seconds,
                               read_timeout=settings.store_timeout_seconds, retries={"max_attempts": 3}))
         return self._sts
+
+    # ---- retention -----------------------------------------------------------------------------
+    def checkpoint_dirs(self, ns_uid: str) -> list[CheckpointDir]:
+        """A learner's checkpoint version directories: objects, bytes, and whether the manifest (the
+        commit point) is there. One listing, no object read."""
+        found: dict[int, CheckpointDir] = {}
+        for info in self._at(f"{layout.learner_prefix(ns_uid)}/checkpoints").list_files():
+            directory, _, name = info.name.partition("/")
+            if not (m := _VERSION_DIR.match(directory)):
+                continue
+            version = int(m.group(1))
+            seen = found.get(version, CheckpointDir(version, 0, 0, False))
+            found[version] = CheckpointDir(version, seen.objects + 1, seen.size_bytes + info.size,
+                                           seen.committed or name == layout.MANIFEST_NAME)
+        return [found[v] for v in sorted(found)]
+
+    def delete_checkpoint(self, ns_uid: str, version: int, upload_names: list[str]) -> tuple[int, int]:
+        """Deletes ``checkpoints/v<version>/`` of one learner, manifest last (a half-deleted version
+        is never taken for committed), and aborts its unfinished uploads of ``upload_names``;
+        returns (objects, bytes) removed."""
+        store = self._at(layout.checkpoint_prefix(ns_uid, version))
+        files = store.list_files()
+        for info in sorted(files, key=lambda f: f.name == layout.MANIFEST_NAME):
+            store.delete(info.name)
+        store.abort_uploads("", upload_names)
+        return len(files), sum(f.size for f in files)
+
+    def checkpoint_upload_names(self, model: str) -> list[str]:
+        """The names a checkpoint's unfinished uploads can have (its base's file names): MinIO lists
+        unfinished uploads by exact key only."""
+        return sorted({name for v in self._base_versions(model) for name in self.base_files(model, v)})
+
+    def abort_stale_uploads(self, ns_uid: str, versions: list[int], upload_names: list[str], older_than: float,
+                            now: datetime, spare: set[int] | frozenset[int] = frozenset()) -> int:
+        """Aborts unfinished multipart uploads under ``learners/<nsUid>/`` started more than
+        ``older_than`` seconds before ``now`` (a killed merge leaves them behind). Found by prefix
+        (AWS) and by exact key (MinIO): ``upload_names`` in each of ``versions``' directories, and
+        the adapter files of every adapter directory. Uploads into a ``spare`` version (a run is
+        writing it) are left alone. Returns how many were aborted."""
+        prefix = layout.learner_prefix(ns_uid)
+        learner = self._at(prefix)
+        names = [f"checkpoints/v{v}/{n}" for v in versions for n in upload_names]
+        names += [f"adapters/{d}/{n}" for d in learner.list_dirs("adapters") if _SEQ_DIR.match(d)
+                  for n in ADAPTER_FILES]
+        aborted = 0
+        try:
+            for upload in learner.incomplete_uploads("", names):
+                relative = str(upload["Key"])[len(prefix) + 1:]
+                directory = relative.split("/")[1] if relative.startswith("checkpoints/") else ""
+                if (m := _VERSION_DIR.match(directory)) and int(m.group(1)) in spare:
+                    continue
+                initiated = upload.get("Initiated")
+                if isinstance(initiated, datetime) and (now - initiated).total_seconds() < older_than:
+                    continue
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                aborted += 1
+        except _boto_errors() as err:
+            raise StorageError(f"aborting stale uploads under {self.uri(prefix)}: {err}") from err
+        return aborted
+
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "privatefm.json")
+
+
+@dataclass(frozen=True)
+class CheckpointDir:
+    """One ``checkpoints/v<N>/`` directory as the store lists it."""
+
+    version: int
+    objects: int
+    size_bytes: int
+    committed: bool  # its manifest exists
+
+
+def _boto_errors() -> tuple[type[Exception], ...]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (BotoCoreError, ClientError)

@@ -14,6 +14,7 @@ from privatefm_operator.reconcilers.deletion import DeletionReconciler
 from privatefm_operator.reconcilers.jobs import JobEvents
 from privatefm_operator.reconcilers.learner import LearnerReconciler
 from privatefm_operator.reconcilers.merge import MergeReconciler
+from privatefm_operator.reconcilers.retention import Retention
 from privatefm_operator.reconcilers.verify import VerifyChecks
 from privatefm_operator.settings import Settings
 from privatefm_operator.storage import Storage
@@ -36,5 +37,6 @@ def build(settings: Settings) -> Reconcilers:
     merges = MergeReconciler(clients, learners)
     learners.merges = merges
     learners.verify = VerifyChecks(clients)
+    learners.retention = Retention(clients)
     return Reconcilers(learners, merges, JobEvents(clients, merges), DeletionReconciler(clients, learners),
                        clients.kube, learners.verify)

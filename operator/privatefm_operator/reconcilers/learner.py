@@ -1,7 +1,7 @@
 """LearnerNamespace: keep the learner's namespace and its children true, and report what is.
 
     reconcile = read_spec → hold → provision → observe_base → recover_history → check_integrity → heal
-                → write status (once) → announce
+                → retain → write status (once) → announce
 
 Self-healing: ``check_integrity`` runs the cheap check of the current checkpoint (manifest, sizes,
 checksums; no model bytes) when the learner's staggered slot comes. A failed check takes the
@@ -9,6 +9,7 @@ checkpoint out of currentCheckpoint and sets Degraded with the reason and the fi
 a fallback for a failed check, a lag beyond maxVersionLag (unless the base is pinned) or a
 ``fallback-requested`` annotation: a Fallback AdapterMerge folds the adapter log onto the target
 base (or re-clones it), retried with a doubling delay up to fallbackRetryLimit, then Stalled.
+``retain`` prunes old checkpoints when the cleanup schedule fires (``reconcilers.retention``).
 
 A spec the API server refuses (say, an unknown time zone for the CronJob) ends the reconcile as
 Stalled/InvalidSpec with the server's message and a Warning Event, and is not tried again until
@@ -62,6 +63,7 @@ from privatefm_operator.storage import CredentialsDenied
 
 if TYPE_CHECKING:
     from privatefm_operator.reconcilers.merge import MergeReconciler
+    from privatefm_operator.reconcilers.retention import Retention
 
 log = logging.getLogger("privatefm.operator")
 
@@ -127,6 +129,7 @@ class LearnerReconciler:
         self.clients = clients
         self.merges: MergeReconciler | None = None  # set once both exist (they refer to each other)
         self.verify: VerifyChecks | None = None
+        self.retention: Retention | None = None  # set by build()
         self._locks = Locks()
         self._known: set[str] = set()
         self._warned: set[str] = set()
@@ -146,7 +149,7 @@ class LearnerReconciler:
         with self._locks(None, name):
             scope = LearnerScope(lns)
             for phase in (self.read_spec, self.hold, self.provision, self.observe_base, self.recover_history,
-                          self.check_integrity, self.deep_check, self.heal):
+                          self.check_integrity, self.deep_check, self.heal, self.retain):
                 step = phase(scope)
                 if step is Step.SKIP:
                     return scope.learner
@@ -486,3 +489,20 @@ class LearnerReconciler:
         """Where this learner's checkpoints live: the only place its currentCheckpoint may point."""
         return self.clients.storage.uri(f"{layout.learner_prefix(learner.ns_uid)}/checkpoints")
 
+    # ---- retention (last phase) --------------------------------------------------------------
+    def retain(self, scope: LearnerScope) -> Step:
+        """Prunes old checkpoints when the cleanup schedule has fired (``reconcilers.retention``):
+        only for a learner with a current checkpoint (as this pass found it), a reachable store and
+        no deletion under way."""
+        lns = scope.lns
+        if self.retention is None or not isinstance(lns, LearnerNamespace) or scope.store_problem:
+            return Step.CONTINUE
+        view = status_of(lns, LearnerNamespaceStatus)
+        for change in scope.mutations:  # what this pass has found so far (a failed check, a fallback)
+            view = change(view)
+        if view.current_checkpoint is None or view.deletion is not None:
+            return Step.CONTINUE
+        retained = self.retention.run(lns, view, utc_now()).retention
+        if retained != view.retention:
+            scope.mutations.append(lambda st: st.model_copy(update={"retention": retained}))
+        return Step.CONTINUE
