@@ -13,6 +13,7 @@ import re
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,11 +22,12 @@ from privatefm_merge import layout
 from privatefm_testing import seed
 from privatefm_testing.cluster import S3Info
 from privatefm_testing.kube import Kube, wait_for
-from privatefm_testing.operator_fixtures import REPO, Hooks
 from privatefm_testing.operator_proc import OperatorProcess
+from privatefm_testing.podrunner import Hooks
 from test_operator import LearnerHandle, get
 
 pytestmark = pytest.mark.cluster
+REPO = Path(__file__).resolve().parents[1]
 MANIFEST_MAX = 16 * 1024  # a manifest of the test model is about 2 KiB
 PRUNED = re.compile(r"pruned (\d+) checkpoint versions \(([^)]*)\): (\d+) objects, (\d+) bytes; aborted (\d+)")
 

@@ -1,7 +1,7 @@
 """LearnerNamespace: keep the learner's namespace and its children true, and report what is.
 
-    reconcile = read_spec → hold → provision → observe_base → recover_history → check_integrity → heal
-                → retain → write status (once) → announce
+    reconcile = read_spec → hold → provision → observe_base → recover_history → check_integrity → deep_check
+                → heal → retain → write status (once) → announce
 
 Self-healing: ``check_integrity`` runs the cheap check of the current checkpoint (manifest, sizes,
 checksums; no model bytes) when the learner's staggered slot comes. A failed check takes the

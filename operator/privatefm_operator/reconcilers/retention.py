@@ -114,7 +114,6 @@ class Retention:
             elif merge.phase != MergePhase.FAILED:  # not started, planned, pending, running, or unparsable
                 protected |= versions
         integrity = status.integrity
-        if integrity is not None and integrity.verify_job:
-            protected |= {v for v in (integrity.checked_version, integrity.deep_checked_version,
-                                      integrity.failed_version) if v is not None}
+        if integrity is not None and integrity.verify_job and integrity.verify_version is not None:
+            protected.add(integrity.verify_version)  # the version the running verify Job reads
         return protected, succeeded
