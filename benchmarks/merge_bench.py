@@ -602,7 +602,9 @@ def write_docs(path: Path, table: str, summary: str, info: dict[str, Any], rows:
         shape=info["shape"], params=info["params"] / 1e9, base_gib=info["base_bytes"] / 2**30,
         shards=info["shards"], largest=info["largest_tensor_mib"], adapter_mib=info["adapter_bytes"] / MiB,
         repetitions=repetitions, table=table, summary=summary, phases=phases or "n/a",
-        date=time.strftime("%Y-%m-%d", time.gmtime()), replay=REPLAY_ADAPTERS,
+        date=time.strftime("%Y-%m-%d", time.gmtime()),
+        replay=f"; the replay log holds {REPLAY_ADAPTERS} such adapters, marked incremental"
+        if any(r["kind"].endswith("-replay") for r in rows) else "",
         raw=json.dumps(measured, indent=1, default=str),
     )
     old = path.read_text() if path.exists() else ""
@@ -626,7 +628,7 @@ shape is rerun). Rerun with
 .venv/bin/python benchmarks/merge_bench.py            # llama-3.2-1b; about 5 minutes here; ~8 GB of free disk
 .venv/bin/python benchmarks/merge_bench.py --shape tinyllama-1.1b \\
     --runs engine,engine-replay,floor,floor-pipelined,peft,peft-replay --once peft-replay
-.venv/bin/python benchmarks/merge_bench.py --shape llama-2-7b --runs engine,floor --reps 1   # ~30 GB of disk
+.venv/bin/python benchmarks/merge_bench.py --shape llama-2-7b --runs engine,peft,floor --reps 1  # 40 GB disk, 14 GB RAM
 ```
 
 ## Method
@@ -666,7 +668,7 @@ Generated on {date}; {repetitions}.
   locally: {base_gib:.2f} GiB in {shards} safetensors shards plus `model.safetensors.index.json` and
   `config.json`. Largest tensor: {largest:.0f} MiB (the embedding).
 - PEFT LoRA adapter, r=16, lora_alpha=32, on q/k/v/o/gate/up/down of every layer, float32
-  ({adapter_mib:.0f} MiB); the replay log holds {replay} such adapters.
+  ({adapter_mib:.0f} MiB){replay}.
 
 Machine:
 

@@ -206,3 +206,20 @@ def test_cli_takes_adapter_repeatedly(tmp_path: Path) -> None:
     assert result["status"] == "Succeeded" and result["adapterSeqs"] == [7, 8, 9]
     merge_checkpoint(str(base_dir), [str(a) for a in adapters], str(tmp_path / "lib"))
     assert _shards(tmp_path / "out") == _shards(tmp_path / "lib")
+
+
+def test_manifests_from_before_adapter_logs_still_read() -> None:
+    """A manifest written with one ``adapter`` object reads as a one-adapter fold."""
+    from privatefm_merge.manifest import parse_manifest
+
+    old = {"formatVersion": 1, "tool": {"name": "privatefm-merge", "version": "0.1"},
+           "createdAt": "2026-11-01T00:00:00Z", "version": 2, "parentVersion": 1,
+           "base": {"uri": "s3://b/base/m/v1"},
+           "adapter": {"uri": "s3://b/learners/u/adapters/3", "files": [],
+                       "config": {"peftType": "LORA", "r": 8, "loraAlpha": 16}},
+           "files": [{"name": "model.safetensors", "size": 4, "sha256": "0" * 64}]}
+    manifest = parse_manifest(json.dumps(old).encode())
+    assert manifest.adapters is not None and [a.uri for a in manifest.adapters] == ["s3://b/learners/u/adapters/3"]
+    assert manifest.adapter_seqs is None and manifest.adapters[0].mode is None
+    rewritten = json.loads(manifest.to_bytes())
+    assert "adapter" not in rewritten and rewritten["adapters"][0]["uri"] == "s3://b/learners/u/adapters/3"
