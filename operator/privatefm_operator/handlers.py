@@ -45,6 +45,9 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 8
     memo.reconcilers = reconcilers.build(SETTINGS)
+    # Shared by every object's memo (kopf gives each object a shallow copy of this one, and a
+    # re-created CRD is a new object): the uid each of our CRDs had when first seen.
+    memo.crd_uids = {}
     metrics.init_labels(t.value for t in MergeTrigger)
     memo.http = metrics.start_http_server(SETTINGS.http_port, ready=lambda: "reconcilers" in memo)
 
@@ -105,7 +108,7 @@ def crd_event(name: str, body: kopf.Body, type: str | None, memo: kopf.Memo, **_
         return
     conditions = body.get("status", {}).get("conditions") or []
     established = any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
-    seen = memo.setdefault("crd_uids", {})
+    seen = memo.crd_uids
     if decisions.crd_reinstalled(seen, name, body["metadata"]["uid"], established):
         memo.reconcilers.kube.wait_until_discoverable(f"/apis/{GROUP}/{VERSION}", body["spec"]["names"]["plural"])
         log.warning("CRD %s was re-created: restarting the operator loop so that it is served again", name)
