@@ -54,8 +54,9 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.cleanup()
 def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    if "http" in memo:
+    if "http" in memo:  # and free the port: the operator loop may start again in this process
         memo.http.shutdown()
+        memo.http.server_close()
 
 
 @kopf.on.resume(*LNS)
