@@ -11,6 +11,7 @@ import functools
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import tomllib
 from pathlib import Path
@@ -29,7 +30,7 @@ CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 SOURCES = ["manifests", "chart"]
 SECRET_SETTINGS = {"s3_access_key", "s3_secret_key"}
 # Values that are Kubernetes objects, documented as a whole rather than key by key.
-K8S_VALUES = {"resources", "podSecurityContext", "securityContext"}
+K8S_VALUES = {"resources", "podSecurityContext", "securityContext", "livenessProbe", "readinessProbe"}
 
 
 def run(*cmd: str | Path, env: dict[str, str] | None = None, check: bool = True,
@@ -81,11 +82,13 @@ def grants(role: dict[str, Any]) -> set[tuple[str, str, str]]:
 
 
 PEOPLE_ROLES = ("learner-admin", "guardian")  # unbound ClusterRoles for people (manifests/people-roles.yaml)
+AGGREGATED_ROLES = ("view", "edit")  # aggregated into the built-in view/edit/admin (aggregate-roles.yaml)
 
 
 def operator_roles(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The operator's own ClusterRoles: the rendered ones, less the unbound roles for people."""
-    return [role for role in of_kind(objs, "ClusterRole") if not role["metadata"]["name"].endswith(PEOPLE_ROLES)]
+    """The operator's own ClusterRoles: the rendered ones, less the roles for people."""
+    return [role for role in of_kind(objs, "ClusterRole")
+            if not role["metadata"]["name"].endswith(PEOPLE_ROLES + AGGREGATED_ROLES)]
 
 
 def roles_by_part(objs: list[dict[str, Any]]) -> dict[str, set[tuple[str, str, str]]]:
@@ -105,7 +108,7 @@ def test_rbac_grants_no_wildcard(source: str) -> None:
     people = {r["metadata"]["name"].removeprefix("privatefm-").removeprefix("operator-")
               for r in of_kind(objs, "ClusterRole") if r["metadata"]["name"].endswith(PEOPLE_ROLES)}
     assert people == set(PEOPLE_ROLES)
-    assert len(roles) == 2 + len(PEOPLE_ROLES)
+    assert len(roles) == 2 + len(PEOPLE_ROLES) + len(AGGREGATED_ROLES)
     for role in roles:
         for rule in role["rules"]:
             assert "nonResourceURLs" not in rule, rule
@@ -174,12 +177,19 @@ def test_deployment_runs_one_hardened_operator(source: str) -> None:
     tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")
     assert "emptyDir" in tmp
     assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
-    # The Pod reads the ConfigMap and Secret that ship beside it.
+    # The Pod reads the ConfigMap that ships beside it. Neither source ships a Secret by default: the
+    # kustomize base refers to privatefm-operator-s3 as optional (created by the user or an overlay),
+    # the chart's defaults use workload identity (no key variables at all).
     assert container["envFrom"] == [{"configMapRef": {"name": one(objs, "ConfigMap")["metadata"]["name"]}}]
-    secret = one(objs, "Secret")["metadata"]["name"]
-    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
-    assert refs == {"PRIVATEFM_S3_ACCESS_KEY": {"name": secret, "key": "accessKey"},
-                    "PRIVATEFM_S3_SECRET_KEY": {"name": secret, "key": "secretKey"}}
+    assert not of_kind(objs, "Secret")
+    if source == "manifests":
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+        assert refs == {"PRIVATEFM_S3_ACCESS_KEY": {"name": "privatefm-operator-s3", "key": "accessKey",
+                                                    "optional": True},
+                        "PRIVATEFM_S3_SECRET_KEY": {"name": "privatefm-operator-s3", "key": "secretKey",
+                                                    "optional": True}}
+    else:
+        assert "env" not in container
     service = one(objs, "Service")
     assert service["spec"]["type"] == "ClusterIP"
     assert service["spec"]["ports"][0]["name"] == "http-metrics"
@@ -213,6 +223,77 @@ def test_chart_uses_an_existing_secret_instead_of_rendering_one() -> None:
     assert not of_kind(objs, "Secret")
     env = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {e["valueFrom"]["secretKeyRef"]["name"] for e in env} == {"my-s3"}
+
+
+def test_chart_renders_a_secret_only_with_both_keys_and_rolls_on_it() -> None:
+    objs = rendered("chart", "--set", "s3.accessKey=a", "--set", "s3.secretKey=b")
+    secret = one(objs, "Secret")
+    assert secret["data"] == {"accessKey": "YQ==", "secretKey": "Yg=="}
+    template = one(objs, "Deployment")["spec"]["template"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in template["spec"]["containers"][0]["env"]}
+    assert refs == {"PRIVATEFM_S3_ACCESS_KEY": {"name": secret["metadata"]["name"], "key": "accessKey"},
+                    "PRIVATEFM_S3_SECRET_KEY": {"name": secret["metadata"]["name"], "key": "secretKey"}}
+    rotated = one(rendered("chart", "--set", "s3.accessKey=a", "--set", "s3.secretKey=c"), "Deployment")
+    annotations = template["metadata"]["annotations"]
+    assert annotations["checksum/secret"] != rotated["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
+    assert annotations["checksum/config"] == rotated["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    half = run(BIN / "helm", "template", "x", CHART, "--set", "s3.accessKey=a", check=False)
+    assert half.returncode != 0 and "s3.accessKey and s3.secretKey go together" in half.stderr
+
+
+def test_chart_ca_bundle_extra_env_volumes_and_probes() -> None:
+    objs = rendered("chart", "--set", "caBundle.configMapName=corp-ca", "--set", "caBundle.key=bundle.pem",
+                    "--set", "extraEnv[0].name=HTTPS_PROXY", "--set", "extraEnv[0].value=http://proxy:3128",
+                    "--set", "extraVolumes[0].name=x", "--set", "extraVolumes[0].emptyDir.medium=Memory",
+                    "--set", "extraVolumeMounts[0].name=x", "--set", "extraVolumeMounts[0].mountPath=/x",
+                    "--set", "livenessProbe.periodSeconds=7", "--set", "podAnnotations.n=1",
+                    "--set", "podLabels.team=ml", "--set", "podAnnotations.t=true")
+    template = one(objs, "Deployment")["spec"]["template"]
+    pod = template["spec"]
+    (container,) = pod["containers"]
+    assert {"name": "AWS_CA_BUNDLE", "value": "/etc/privatefm/ca/ca.crt"} in container["env"]
+    assert {"name": "HTTPS_PROXY", "value": "http://proxy:3128"} in container["env"]
+    assert {"name": "ca-bundle", "mountPath": "/etc/privatefm/ca", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "x", "mountPath": "/x"} in container["volumeMounts"]
+    assert {"name": "ca-bundle", "configMap": {"name": "corp-ca", "items": [{"key": "bundle.pem", "path": "ca.crt"}]}} \
+        in pod["volumes"]
+    assert {"name": "x", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+    assert container["livenessProbe"]["periodSeconds"] == 7
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert template["metadata"]["annotations"]["n"] == "1" and template["metadata"]["annotations"]["t"] == "true"
+    assert template["metadata"]["labels"]["team"] == "ml"
+    # Merge and verify pods get the same bundle through the operator's settings.
+    data = one(objs, "ConfigMap")["data"]
+    settings = Settings(**{k.removeprefix("PRIVATEFM_").lower(): v for k, v in data.items()})
+    assert (settings.ca_bundle_configmap, settings.ca_bundle_key) == ("corp-ca", "bundle.pem")
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_aggregated_roles_extend_view_and_edit(source: str) -> None:
+    roles = {r["metadata"]["name"].rsplit("-", 1)[1]: r for r in of_kind(rendered(source), "ClusterRole")
+             if r["metadata"]["name"].endswith(AGGREGATED_ROLES)}
+    assert set(roles) == set(AGGREGATED_ROLES)
+    labels = {part: {k.rsplit("-", 1)[1] for k, v in r["metadata"]["labels"].items()
+                     if k.startswith("rbac.authorization.k8s.io/aggregate-to-") and v == "true"}
+              for part, r in roles.items()}
+    assert labels == {"view": {"view", "edit", "admin"}, "edit": {"edit", "admin"}}
+    assert grants(roles["view"]) == {("privatefm.io", res, verb) for res in ("learnernamespaces", "adaptermerges")
+                                     for verb in ("get", "list", "watch")}
+    assert ("privatefm.io", "adaptermerges", "create") in grants(roles["edit"])
+    assert not [g for role in roles.values() for g in grants(role) if g[1].endswith("/status")]
+
+
+def test_kustomize_base_holds_no_secret_and_the_overlay_generates_one(tmp_path: Path) -> None:
+    assert not of_kind(rendered("manifests"), "Secret")
+    for tree in ("manifests", "crds", "overlays"):  # a copy, so that s3.env never lands in the repo
+        shutil.copytree(REPO / tree, tmp_path / tree)
+    overlay = tmp_path / "overlays" / "static-keys"
+    (overlay / "s3.env").write_text("accessKey=AK\nsecretKey=SK\n")
+    objs = load_all(run(BIN / "kubectl", "kustomize", overlay).stdout)
+    secret = one(objs, "Secret")
+    assert secret["metadata"]["name"].startswith("privatefm-operator-s3-")
+    env = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in env} == {secret["metadata"]["name"]}
 
 
 def test_service_monitor_only_when_enabled() -> None:
