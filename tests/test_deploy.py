@@ -330,11 +330,6 @@ def test_chart_crds_are_the_generated_ones_and_kept() -> None:
 # ---- chart hygiene ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
-def test_helm_lint_strict(values: Path) -> None:
-    run(BIN / "helm", "lint", "--strict", CHART, "-f", values)
-
-
 def test_ci_scenarios_exist() -> None:
     assert {p.name for p in CI_VALUES} >= {"default-values.yaml", "no-crds-values.yaml",
                                             "servicemonitor-values.yaml"}
