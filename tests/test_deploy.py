@@ -17,11 +17,14 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import certifi
 import pytest
 import yaml
 from privatefm_operator.settings import Settings
-from privatefm_testing.cluster import BIN
+from privatefm_testing import seed
+from privatefm_testing.cluster import BIN, S3Info
 from privatefm_testing.kube import Kube
+from privatefm_testing.operator_proc import OperatorProcess
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"
@@ -30,6 +33,7 @@ CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 SOURCES = ["manifests", "chart"]
 SECRET_SETTINGS = {"s3_access_key", "s3_secret_key"}
 # Values that are Kubernetes objects, documented as a whole rather than key by key.
+GUARDIAN = "parent-of-bo"  # the guardian of manifests/samples/learnernamespace-minimal.yaml
 K8S_VALUES = {"resources", "podSecurityContext", "securityContext", "livenessProbe", "readinessProbe"}
 
 
@@ -500,3 +504,114 @@ def test_helm_install_is_restricted_and_least_privilege(kube: Kube, namespace: s
         run(*helm, "uninstall", release, env=kube.env())
     left = kube.kubectl("get", "clusterrole", f"{release}-privatefm-operator-framework", check=False)
     assert left.returncode != 0 and "NotFound" in left.stderr
+
+
+@pytest.mark.cluster
+def test_helm_install_with_existing_secret_and_ca_bundle_runs_the_core_scenario(
+        kube: Kube, s3: S3Info, operator: OperatorProcess, tmp_path: Path, uid: str) -> None:
+    """The chart as a platform team installs it: store keys in an existing Secret, a private CA
+    bundle, CRDs managed apart. The release is "privatefm-operator" in "privatefm-system", so it takes
+    over the ServiceAccount, ClusterRoles, bindings and admission policies the session applied from
+    manifests/ (--take-ownership) and from then on its RBAC is exactly the chart's: every binding of
+    the ServiceAccount is the release's, with the chart's rules.
+
+    No kubelet runs the chart's Deployment here. The session's one operator process is restarted in
+    its place, under that ServiceAccount's token, with the release's ConfigMap as its environment, the
+    keys read from the existing Secret, and AWS_CA_BUNDLE pointing at a local copy of the CA
+    ConfigMap (the path differs from the Pod's /etc/privatefm/ca/ca.crt; the mount is checked on the
+    rendered Deployment). Then the core scenario: a learner becomes Ready and one merge succeeds,
+    its merge pod mounting the bundle from the learner's namespace (as trust-manager would place it).
+    The local MinIO speaks plain HTTP, so the bundle is loaded but no TLS handshake uses it.
+    """
+    system, release, secret, ca = "privatefm-system", "privatefm-operator", f"store-{uid}", f"corp-ca-{uid}"
+    bundle = Path(certifi.where()).read_text()
+    kube.kubectl("-n", system, "create", "secret", "generic", secret,
+                 f"--from-literal=accessKey={s3.operator.access_key}",
+                 f"--from-literal=secretKey={s3.operator.secret_key}")
+    kube.kubectl("-n", system, "create", "configmap", ca, f"--from-file=ca.crt={certifi.where()}")
+    values = {"s3": {"endpoint": s3.endpoint, "bucket": s3.bucket, "existingSecret": secret, "timeoutSeconds": 1,
+                     "unreachableGraceSeconds": 8},
+              "caBundle": {"configMapName": ca},
+              "crds": {"enabled": False},
+              "mergeImage": {"repository": "privatefm/merge", "tag": "test"},
+              "merge": {"gpus": 0},
+              "resyncSeconds": 2, "integrityCheckSeconds": 3, "fallbackBackoffSeconds": 5}
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    helm = (BIN / "helm", "--kubeconfig", kube.kubeconfig, "--namespace", system)
+    proc = run(*helm, "install", release, CHART, "-f", values_file, "--take-ownership", env=kube.env())
+    assert "STATUS: deployed" in proc.stdout
+    saved_env = dict(operator.env)
+    try:
+        # Exactly the chart's RBAC: every binding of the ServiceAccount belongs to the release, and
+        # its roles hold the chart's rules.
+        chart = load_all(run(BIN / "helm", "template", release, CHART, "--namespace", system,
+                             "-f", values_file).stdout)
+        account = {"kind": "ServiceAccount", "name": release, "namespace": system}
+        bindings = [b for kind in ("clusterrolebindings", "rolebindings")
+                    for b in json.loads(kube.kubectl("get", kind, "-A", "-o", "json").stdout)["items"]
+                    if account in [{k: s.get(k) for k in account} for s in b.get("subjects") or []]]
+        assert sorted(b["metadata"]["name"] for b in bindings) == sorted(
+            b["metadata"]["name"] for b in of_kind(chart, "ClusterRoleBinding"))
+        for binding in bindings:
+            assert binding["metadata"]["annotations"]["meta.helm.sh/release-name"] == release
+            live = json.loads(kube.kubectl("get", "clusterrole", binding["roleRef"]["name"], "-o", "json").stdout)
+            rendered_role = next(r for r in of_kind(chart, "ClusterRole")
+                                 if r["metadata"]["name"] == binding["roleRef"]["name"])
+            assert grants(live) == grants(rendered_role)
+
+        deployment = json.loads(kube.kubectl("-n", system, "get", "deployment", release, "-o", "json").stdout)
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert {"name": "AWS_CA_BUNDLE", "value": "/etc/privatefm/ca/ca.crt"} in container["env"]
+        assert {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e} == {secret}
+        assert "checksum/secret" in deployment["spec"]["template"]["metadata"]["annotations"]
+
+        # The operator, as the Deployment would run it.
+        config = json.loads(kube.kubectl("-n", system, "get", "configmap", release, "-o", "json").stdout)["data"]
+        local_bundle = tmp_path / "ca.crt"
+        local_bundle.write_text(bundle)
+        operator.stop()
+        operator.env = {**{k: v for k, v in saved_env.items() if not k.startswith("PRIVATEFM_")},
+                        **config, "PRIVATEFM_HTTP_PORT": str(operator.port),
+                        "PRIVATEFM_S3_ACCESS_KEY": s3.operator.access_key,
+                        "PRIVATEFM_S3_SECRET_KEY": s3.operator.secret_key,
+                        "AWS_CA_BUNDLE": str(local_bundle)}
+        operator.start()
+
+        name = f"learner-{uid}"
+        body = yaml.safe_load((MANIFESTS / "samples" / "learnernamespace-minimal.yaml").read_text())
+        body["metadata"]["name"], body["spec"]["learnerId"], body["spec"]["deletionDelay"] = name, f"h{uid}", "2s"
+        kube.kubectl("apply", "-f", "-", input=json.dumps(body))
+        kube.kubectl("wait", "--for=condition=Ready", f"lns/{name}", "--timeout=90s")
+        status = json.loads(kube.kubectl("get", "lns", name, "-o", "json").stdout)["status"]
+        learner_ns = status["namespace"]
+        try:
+            kube.kubectl("-n", learner_ns, "create", "configmap", ca, f"--from-file=ca.crt={certifi.where()}")
+            seed.publish_adapter(s3.client(), s3.bucket, status["nsUid"], 1, seed=1)
+            merge = yaml.safe_load((MANIFESTS / "samples" / "adaptermerge.yaml").read_text())
+            kube.kubectl("-n", learner_ns, "create", "-f", "-", input=json.dumps(merge))
+            kube.kubectl("-n", learner_ns, "wait", "--for=jsonpath={.status.phase}=Succeeded",
+                         f"am/{merge['metadata']['name']}", "--timeout=180s")
+            job = json.loads(kube.kubectl("-n", learner_ns, "get", "job", merge["metadata"]["name"],
+                                          "-o", "json").stdout)
+            pod = job["spec"]["template"]["spec"]
+            volume = next(v for v in pod["volumes"] if v["name"] == "ca-bundle")["configMap"]
+            assert (volume["name"], volume["items"]) == (ca, [{"key": "ca.crt", "path": "ca.crt"}])
+            assert {"name": "AWS_CA_BUNDLE", "value": "/etc/privatefm/ca/ca.crt"} in pod["containers"][0]["env"]
+            lns = json.loads(kube.kubectl("get", "lns", name, "-o", "json").stdout)
+            assert lns["status"]["currentCheckpoint"]["version"] == 1
+        finally:
+            kube.kubectl("delete", "lns", name, "--wait=false", check=False)
+            kube.kubectl("annotate", "--overwrite", "lns", name, f"privatefm.io/deletion-approved-by={GUARDIAN}",
+                         f"--as={GUARDIAN}", "--as-group=system:authenticated", check=False)
+    finally:
+        operator.stop()
+        operator.env = saved_env
+        operator.start()
+        # Hand the objects back to manifests/ for the rest of the session: forget the release (its
+        # storage Secret) without deleting what it owns, then re-apply the shipped RBAC and policies.
+        kube.kubectl("-n", system, "delete", "secret", "-l", f"owner=helm,name={release}", check=False)
+        for path in ("rbac.yaml", "admission.yaml"):
+            kube.kubectl("apply", "-f", str(MANIFESTS / path))
+        kube.kubectl("-n", system, "delete", "secret", secret, check=False)
+        kube.kubectl("-n", system, "delete", "configmap", ca, check=False)
