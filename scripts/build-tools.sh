@@ -60,6 +60,27 @@ go_install() {  # name module@version
 go_install helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 go_install minio "github.com/minio/minio@$MINIO_VERSION"
 
+# ---- manifest linters (tests/test_chart_lint.py) ----
+go_install kubeconform "github.com/yannh/kubeconform/cmd/kubeconform@$KUBECONFORM_VERSION"
+# kube-linter's module (golang.stackrox.io/kube-linter) is refused by the module proxy this project
+# can reach, so it is built only where that works; the suite skips kube-linter, with this reason,
+# where the binary is missing. Set PRIVATEFM_KUBE_LINTER_SRC to a checkout of stackrox/kube-linter
+# at $KUBE_LINTER_VERSION to build it from source instead.
+if [[ ! -x "$CACHE/kube-linter-$KUBE_LINTER_VERSION/kube-linter" ]]; then
+  if [[ -n "${PRIVATEFM_KUBE_LINTER_SRC:-}" ]]; then
+    log "building kube-linter $KUBE_LINTER_VERSION from $PRIVATEFM_KUBE_LINTER_SRC"
+    (cd "$PRIVATEFM_KUBE_LINTER_SRC" && go build -trimpath -ldflags "-s -w" \
+      -o "$CACHE/kube-linter-$KUBE_LINTER_VERSION/kube-linter" ./cmd/kube-linter)
+  elif ! GOBIN="$CACHE/kube-linter-$KUBE_LINTER_VERSION" go install -trimpath -ldflags "-s -w" \
+      "golang.stackrox.io/kube-linter/cmd/kube-linter@$KUBE_LINTER_VERSION" 2>/dev/null; then
+    log "kube-linter $KUBE_LINTER_VERSION: not served by the module proxy; its tests will skip"
+  fi
+fi
+if [[ -x "$CACHE/kube-linter-$KUBE_LINTER_VERSION/kube-linter" ]]; then
+  ln -sf "$CACHE/kube-linter-$KUBE_LINTER_VERSION/kube-linter" "$BIN/kube-linter"
+fi
+# ---- end manifest linters ----
+
 if ! command -v etcd >/dev/null 2>&1; then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
     log "installing Debian etcd-server"

@@ -603,7 +603,7 @@ def _helm(*args: str) -> list[dict[str, Any]]:
 def _grants(objs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
     return {(group, resource, verb)
             for o in objs if o["kind"] == "ClusterRole"
-            and not o["metadata"]["name"].endswith(("-learner", "-learner-admin", "-guardian"))
+            and not o["metadata"]["name"].endswith(("-learner", "-learner-admin", "-guardian", "-view", "-edit"))
             for rule in o["rules"] for group in rule["apiGroups"] for resource in rule["resources"]
             for verb in rule["verbs"]}
 

@@ -573,3 +573,22 @@ def test_plan_failure_for_a_missing_adapter_except_a_reclone() -> None:
     assert decisions.plan_failure("m", 1, True, None, "p").reason == "NoAdapter"  # type: ignore[union-attr]
     failure = decisions.plan_failure("m", 1, True, None, "p", requested_adapter=7, reclone=True)
     assert failure is not None and "no adapter 7" in failure.message
+
+
+def test_merge_verify_and_scheduled_pods_mount_the_store_ca_bundle_when_set() -> None:
+    with_ca = Settings(s3_endpoint="https://s3.corp", merge_image="example/merge:1",
+                       ca_bundle_configmap="corp-ca", ca_bundle_key="bundle.pem")
+    pods = {"manual": builders.merge_job(LEARNER, with_ca, "run", MergeTrigger.MANUAL, {}, {})["spec"]["template"],
+            "scheduled": builders.cronjob(LEARNER, with_ca)["spec"]["jobTemplate"]["spec"]["template"],
+            "verify": builders.verify_job(LEARNER, with_ca, "verify-v1-1", 1, "s3://b/x", "s")["spec"]["template"]}
+    for kind, pod in pods.items():
+        spec = pod["spec"]
+        assert {"name": "ca-bundle", "configMap": {"name": "corp-ca", "items": [{"key": "bundle.pem",
+                                                                                   "path": "ca.crt"}]}} \
+            in spec["volumes"], kind
+        (container,) = spec["containers"]
+        assert {"name": "ca-bundle", "mountPath": "/etc/privatefm/ca", "readOnly": True} in container["volumeMounts"]
+        assert {"name": "AWS_CA_BUNDLE", "value": "/etc/privatefm/ca/ca.crt"} in container["env"], kind
+    plain = builders.merge_job(LEARNER, SETTINGS, "run", MergeTrigger.MANUAL, {}, {})["spec"]["template"]["spec"]
+    assert [v["name"] for v in plain["volumes"]] == ["tmp"]
+    assert not [e for e in plain["containers"][0]["env"] if e["name"] == "AWS_CA_BUNDLE"]

@@ -178,6 +178,23 @@ def _container_security() -> dict[str, Any]:
             "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
 
 
+CA_BUNDLE_VOLUME = "ca-bundle"
+CA_BUNDLE_DIR = "/etc/privatefm/ca"
+
+
+def with_ca_bundle(pod_spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Mounts the store's CA bundle (settings.ca_bundle_configmap, a ConfigMap in the pod's namespace)
+    into every container and points AWS_CA_BUNDLE at it; unchanged when no bundle is set."""
+    if not settings.ca_bundle_configmap:
+        return pod_spec
+    pod_spec["volumes"].append({"name": CA_BUNDLE_VOLUME, "configMap": {
+        "name": settings.ca_bundle_configmap, "items": [{"key": settings.ca_bundle_key, "path": "ca.crt"}]}})
+    for container in pod_spec["containers"]:
+        container["volumeMounts"].append({"name": CA_BUNDLE_VOLUME, "mountPath": CA_BUNDLE_DIR, "readOnly": True})
+        container["env"].append({"name": "AWS_CA_BUNDLE", "value": f"{CA_BUNDLE_DIR}/ca.crt"})
+    return pod_spec
+
+
 def merge_pod_template(learner: Learner, settings: Settings, trigger: MergeTrigger,
                        params: dict[str, str] | None, secret: str) -> dict[str, Any]:
     """The merge pod: no API token, restricted, its run's store credentials from ``secret``."""
@@ -218,6 +235,7 @@ def merge_pod_template(learner: Learner, settings: Settings, trigger: MergeTrigg
         spec["nodeSelector"] = dict(merge.node_selector)
     if merge.tolerations:
         spec["tolerations"] = [t.wire() for t in merge.tolerations]
+    with_ca_bundle(spec, settings)
     meta: dict[str, Any] = {"labels": labels}
     if params:
         meta["annotations"] = params
@@ -280,7 +298,7 @@ def verify_job(learner: Learner, settings: Settings, name: str, version: int, ur
         "terminationMessagePolicy": "File",
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
-    pod = {
+    pod: dict[str, Any] = {
         "metadata": {"labels": labels},
         "spec": {
             "serviceAccountName": naming.MERGE_SERVICE_ACCOUNT,
@@ -292,6 +310,7 @@ def verify_job(learner: Learner, settings: Settings, name: str, version: int, ur
             "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
         },
     }
+    with_ca_bundle(pod["spec"], settings)
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": {"name": name, "namespace": learner.namespace, "labels": labels},

@@ -55,6 +55,8 @@ def structural(node: Any, defs: dict[str, Any]) -> Any:
             out[key] = [structural(v, defs) for v in value]
         else:
             out[key] = value
+    if out.get("required") == []:
+        out.pop("required")
     if out.get("x-kubernetes-int-or-string"):
         out.pop("type", None)
     if out.get("x-kubernetes-preserve-unknown-fields") and out.get("additionalProperties") is True:
@@ -75,7 +77,13 @@ def openapi_schema(info: CrdInfo) -> dict[str, Any]:
     # The API server allows nothing more here than name and generateName; name is declared so that
     # a root rule about it can name it (fieldPath .metadata.name), the rule itself is CEL.
     props["metadata"] = {"type": "object", "properties": {"name": {"type": "string", "description": "Object name."}}}
-    schema["required"] = [r for r in schema.get("required", []) if r not in ("apiVersion", "kind", "metadata")]
+    # An empty `required: []` is valid for the API server but not for JSON Schema draft 4 (kubeconform,
+    # kubectl-validate): leave the key out when nothing is required.
+    required = [r for r in schema.get("required", []) if r not in ("apiVersion", "kind", "metadata")]
+    if required:
+        schema["required"] = required
+    else:
+        schema.pop("required", None)
     schema["description"] = " ".join((info.model.__doc__ or "").split())
     if info.root_rules:
         schema["x-kubernetes-validations"] = info.root_rules

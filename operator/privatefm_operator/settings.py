@@ -36,6 +36,12 @@ class Settings(BaseSettings):
                                                                        "learners Ready (StoreAvailable=False at once)")
     s3_egress_cidr: str = Field(default="", description="CIDR merge pods may reach S3 at; default the endpoint IP")
 
+    # A private CA for the store (merge and verify pods): a ConfigMap of this name must exist in every
+    # learner namespace (e.g. distributed by trust-manager); its key is mounted and AWS_CA_BUNDLE names it.
+    ca_bundle_configmap: str = Field(default="", description="ConfigMap with the store's CA bundle, in every "
+                                                             "learner namespace; empty: the image's trust store")
+    ca_bundle_key: str = Field(default="ca.crt", description="Key of the CA bundle in that ConfigMap")
+
     # Merge pods
     merge_image: str = Field(default="ghcr.io/privatefm/merge:0.1.0")
     merge_image_pull_policy: str = Field(default="IfNotPresent")

@@ -60,3 +60,26 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s:%s" .image.repository (default .appVersion .image.tag) }}
 {{- end }}
 {{- end }}
+
+{{/*
+"true" when the chart renders the credentials Secret: no existingSecret and both keys given. Fails
+on one key without the other, which would otherwise be a Secret with an empty key.
+*/}}
+{{- define "privatefm.rendersSecret" -}}
+{{- if not .Values.s3.existingSecret }}
+{{- if and .Values.s3.accessKey .Values.s3.secretKey }}true
+{{- else if or .Values.s3.accessKey .Values.s3.secretKey }}
+{{- fail "s3.accessKey and s3.secretKey go together: set both, or neither (workload identity), or use s3.existingSecret" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+A map of labels or annotations whose values may be numbers or booleans in values (no --set-string
+needed): each value is rendered through tpl and quoted. Call with (dict "map" ... "ctx" $).
+*/}}
+{{- define "privatefm.stringMap" -}}
+{{- range $key, $value := .map }}
+{{ $key }}: {{ tpl (toString $value) $.ctx | quote }}
+{{- end }}
+{{- end }}

@@ -231,9 +231,18 @@ class PodRunner:
         volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
         mounts: dict[str, Path] = {}
         for mount in container.get("volumeMounts") or []:
-            if "emptyDir" in volumes.get(mount["name"], {}):
+            volume = volumes.get(mount["name"], {})
+            if "emptyDir" in volume:
                 local = root / "volumes" / mount["name"]
                 local.mkdir(parents=True, exist_ok=True)
+                mounts[mount["mountPath"]] = local
+            elif ref := volume.get("configMap"):  # e.g. the store's CA bundle: its keys (or items) as files
+                local = root / "volumes" / mount["name"]
+                local.mkdir(parents=True, exist_ok=True)
+                data = self._configmap(pod["metadata"]["namespace"], ref["name"], ref.get("optional", False))
+                items = ref.get("items") or [{"key": k, "path": k} for k in data]
+                for item in items:
+                    (local / item["path"]).write_text(data[item["key"]])
                 mounts[mount["mountPath"]] = local
         mounts[container.get("terminationMessagePath", "/dev/termination-log")] = root / "termination-log"
         return mounts
