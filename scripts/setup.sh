@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Sets up everything the tests and the demo need on a fresh Debian machine:
 #   apt packages (etcd-server, openssl), the pinned Go builds (scripts/build-tools.sh,
-#   cached under ~/.cache/privatefm) and the Python environment (.venv, from requirements.lock).
+#   cached under ~/.cache/privatefm) and the Python environment (.venv, from requirements.lock):
+#   the product editable with its merge, test and dev extras, and the test harness
+#   (tests/support, package privatefm-testing), which only this test setup installs.
 # Safe to run again: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -24,11 +26,12 @@ command -v go >/dev/null || { log "Go is required (go 1.24 or newer)"; exit 1; }
 bash scripts/build-tools.sh >/dev/null
 
 stamp=".venv/.privatefm-stamp"
-want="$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)"
+want="$(cat requirements.lock pyproject.toml tests/support/pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   log "creating the Python environment (.venv)"
   [[ -x .venv/bin/python ]] || python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check --progress-bar off -c requirements.lock -e ".[merge,test,dev]"
+  .venv/bin/pip install -q --disable-pip-version-check --progress-bar off -c requirements.lock \
+    -e ".[merge,test,dev]" -e tests/support
   echo "$want" > "$stamp"
 fi
 log "ready: tools in ${PRIVATEFM_CACHE:-$HOME/.cache/privatefm}/bin, Python in .venv"
