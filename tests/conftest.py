@@ -125,8 +125,7 @@ def operator_kubeconfig(kube: Kube) -> Path:
     kube.kubectl("apply", "-f", str(REPO / "manifests" / "namespace.yaml"))
     kube.kubectl("apply", "-f", str(REPO / "manifests" / "rbac.yaml"))
     kube.kubectl("apply", "-f", str(REPO / "manifests" / "admission.yaml"))  # the operator runs confined
-    kube.kubectl("wait", "--for=condition=Established", "crd/learnernamespaces.privatefm.io",
-                 "crd/adaptermerges.privatefm.io", "--timeout=60s")
+    kube.wait_established("learnernamespaces.privatefm.io", "adaptermerges.privatefm.io")
     # The shipped guardian role (patch LearnerNamespaces; the guardian-approval policy admits only the
     # approval), bound to the sample learners' guardian and to a group of guardians.
     kube.kubectl("apply", "-f", str(REPO / "manifests" / "people-roles.yaml"))

@@ -196,8 +196,7 @@ MALFORMED_AM: list[tuple[str, dict[str, Any], str, str]] = [
 @pytest.fixture(scope="session")
 def crds(kube: Kube) -> None:
     kube.kubectl("apply", "-k", str(REPO / "crds"))
-    kube.kubectl("wait", "--for=condition=Established", "crd/learnernamespaces.privatefm.io",
-                 "crd/adaptermerges.privatefm.io", "--timeout=60s")
+    kube.wait_established("learnernamespaces.privatefm.io", "adaptermerges.privatefm.io")
 
 
 # ---- no server needed ------------------------------------------------------------------------

@@ -443,8 +443,7 @@ def cluster(kube: Kube) -> Iterator[Setup]:
     kube.kubectl("wait", "--for=delete", "namespace/privatefm-system", "--timeout=90s", check=False)
     for manifest in ("namespace.yaml", "rbac.yaml", "learner-role.yaml", "people-roles.yaml", "admission.yaml"):
         kube.kubectl("apply", "-f", str(MANIFESTS / manifest))
-    kube.kubectl("wait", "--for=condition=Established", "crd/learnernamespaces.privatefm.io",
-                 "crd/adaptermerges.privatefm.io", "--timeout=60s")
+    kube.wait_established("learnernamespaces.privatefm.io", "adaptermerges.privatefm.io")
 
     # Two learner namespaces (as the operator labels them), another app's, and what lives in them.
     ns = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": names[k], "labels": MANAGED}}

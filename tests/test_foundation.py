@@ -33,7 +33,7 @@ WIDGET_CRD = {
 
 def test_crd_and_custom_resource_round_trip(kube: Kube, namespace: str) -> None:
     kube.kubectl("apply", "-f", "-", input=json.dumps(WIDGET_CRD))
-    kube.kubectl("wait", "--for=condition=Established", "crd/widgets.foundation.privatefm.io", "--timeout=60s")
+    kube.wait_established("widgets.foundation.privatefm.io")
     widget = {"apiVersion": "foundation.privatefm.io/v1", "kind": "Widget",
               "metadata": {"name": "w1", "namespace": namespace}, "spec": {"size": 3}}
     kube.kubectl("apply", "-f", "-", input=json.dumps(widget))
@@ -44,7 +44,7 @@ def test_crd_and_custom_resource_round_trip(kube: Kube, namespace: str) -> None:
 
 def test_invalid_custom_resource_is_rejected_by_schema(kube: Kube, namespace: str) -> None:
     kube.kubectl("apply", "-f", "-", input=json.dumps(WIDGET_CRD))
-    kube.kubectl("wait", "--for=condition=Established", "crd/widgets.foundation.privatefm.io", "--timeout=60s")
+    kube.wait_established("widgets.foundation.privatefm.io")
     bad = {"apiVersion": "foundation.privatefm.io/v1", "kind": "Widget",
            "metadata": {"name": "w2", "namespace": namespace}, "spec": {"size": 99}}
     proc = kube.kubectl("apply", "-f", "-", input=json.dumps(bad), check=False)

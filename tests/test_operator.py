@@ -842,11 +842,7 @@ def test_crd_reinstall_with_twenty_learners_keeps_every_learner(kube: Kube, oper
         assert get(kube, "networkpolicy", "privatefm-isolation", "-n", namespace)["metadata"]["uid"] == policy
 
     kube.kubectl("apply", "-k", str(REPO / "crds"))
-    # (kubectl wait errs at once on a CRD that has no status.conditions yet: poll instead)
-    wait_for(lambda: all(any(c["type"] == "Established" and c["status"] == "True"
-                             for c in (get(kube, "crd", crd).get("status") or {}).get("conditions") or [])
-                         for crd in ("learnernamespaces.privatefm.io", "adaptermerges.privatefm.io")),
-             60, "the CRDs to be established again")
+    kube.wait_established("learnernamespaces.privatefm.io", "adaptermerges.privatefm.io")
     kube.kubectl("apply", "-f", "-", input=json.dumps(fleet))
     kube.kubectl("wait", "--for=condition=Ready", *(f"lns/{n}" for n in names), "--timeout=180s")
     for handle in handles:

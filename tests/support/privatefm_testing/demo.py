@@ -21,7 +21,7 @@ from typing import Any
 
 from privatefm_testing import seed
 from privatefm_testing.cluster import BIN, LocalCluster, S3Info
-from privatefm_testing.kube import token_kubeconfig
+from privatefm_testing.kube import Kube, token_kubeconfig
 from privatefm_testing.operator_proc import OperatorProcess
 
 REPO = Path(__file__).resolve().parents[3]
@@ -64,8 +64,8 @@ def run(directory: Path, keep: bool) -> int:
         kubectl("apply", "-k", str(REPO / "crds"), show=True)
         kubectl("apply", "-f", str(REPO / "manifests" / "namespace.yaml"), "-f",
                 str(REPO / "manifests" / "rbac.yaml"), "-f", str(REPO / "manifests" / "admission.yaml"), show=True)
-        kubectl("wait", "--for=condition=Established", "crd/learnernamespaces.privatefm.io",
-                "crd/adaptermerges.privatefm.io")
+        Kube(Path(state.kubeconfig), directory).wait_established("learnernamespaces.privatefm.io",
+                                                                 "adaptermerges.privatefm.io")
 
         step("publishing a small Llama-shaped base model to s3://…/base/tiny-llama/v1/")
         print("    " + seed.publish_base(s3.publisher.client(retries=3), s3.bucket, version=1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -37,6 +38,16 @@ class Kube:
         if check and proc.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
         return proc
+
+    def wait_established(self, *crds: str, timeout: float = 60) -> None:
+        """Polls until every CRD is Established. (``kubectl wait`` fails at once on a CRD whose
+        status has no conditions yet, right after it was created.)"""
+        def established(name: str) -> bool:
+            proc = self.kubectl("get", "crd", name, "-o", "json", check=False)
+            status = json.loads(proc.stdout).get("status") or {} if proc.returncode == 0 else {}
+            return any(c.get("type") == "Established" and c.get("status") == "True"
+                       for c in status.get("conditions") or [])
+        wait_for(lambda: all(established(c) for c in crds), timeout, f"CRDs {', '.join(crds)} to be established")
 
     def api_client(self, as_user: str | None = None, as_groups: tuple[str, ...] = ()) -> Any:
         from kubernetes import config
