@@ -162,7 +162,7 @@ def operator(kube: Kube, s3: S3Info, operator_kubeconfig: Path, base_model: str,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     proc = OperatorProcess(operator_kubeconfig, s3, tmp_path_factory.mktemp("operator") / "operator.log",
                            merge_gpus="0", resync_seconds="2", merge_image="privatefm/merge:test",
-                           store_timeout_seconds="1", store_grace_seconds="8", integrity_check_seconds="3",
+                           store_timeout_seconds="1", store_grace_seconds="8", integrity_check_seconds="10",
                            fallback_backoff_seconds="5")
     proc.start()
     yield proc

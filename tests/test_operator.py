@@ -921,11 +921,11 @@ def test_a_damaged_checkpoint_is_detected_named_and_rebuilt_from_the_adapter_log
     damaged = corrupt(s3, layout.checkpoint_prefix(learner.ns_uid, 1), how)
     check = "deep" if how == "flip" else "cheap"
     if how == "flip":  # same size, and no checksum kept by the store: only rehashing every byte shows it
-        time.sleep(8)  # two cheap checks pass it
+        time.sleep(12)  # a cheap check (every 10 s here) passes it
         assert learner.status()["currentCheckpoint"]["version"] == 1
         learner.kube.kubectl("annotate", "lns", learner.name, "privatefm.io/verify-requested=now")
 
-    # The cheap check (every 3 s here) or the deep check (a verify Job) finds it, names it, and takes
+    # The cheap check (every 10 s here) or the deep check (a verify Job) finds it, names it, and takes
     # v1 out of currentCheckpoint.
     integrity = learner.wait_status(lambda s: (s.get("integrity") or {}).get("failedVersion") == 1
                                     and s["integrity"], f"the {how} to be detected", timeout=60)
