@@ -63,7 +63,7 @@ def cond(type_: str, reason: str = "") -> dict[str, Any]:
 
 @pytest.mark.parametrize(("status", "message", "phase", "reason"), [
     ({}, None, MergePhase.PENDING, "Pending"),
-    ({"active": 1}, None, MergePhase.RUNNING, "Running"),
+    ({"active": 1}, None, MergePhase.PENDING, "Pending"),  # active counts pending pods: the pods decide
     ({"conditions": [cond("Complete")]}, OK, MergePhase.SUCCEEDED, "Merged"),
     ({"conditions": [cond("SuccessCriteriaMet"), cond("Complete")]}, OK, MergePhase.SUCCEEDED, "Merged"),
     ({"conditions": [cond("Complete")]}, None, MergePhase.FAILED, "ResultMissing"),
@@ -78,6 +78,89 @@ def test_job_outcome(status: dict[str, Any], message: str | None, phase: MergePh
     outcome = decisions.job_outcome(status, message)
     assert (outcome.phase, outcome.reason) == (phase, reason)
     assert decisions.job_finished(status) is (phase in (MergePhase.SUCCEEDED, MergePhase.FAILED))
+
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+UNSCHEDULABLE = ("0/1 nodes are available: 1 Insufficient nvidia.com/gpu. preemption: 0/1 nodes are available: "
+                 "1 No preemption victims found for incoming pod.")
+
+
+def pod(name: str = "m-abc", phase: str = "Pending", created: str = "2026-01-01T00:00:00Z",
+        conditions: list[dict[str, Any]] | None = None, waiting: dict[str, Any] | None = None,
+        deleted: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "creationTimestamp": created}
+    if deleted:
+        meta["deletionTimestamp"] = created
+    status: dict[str, Any] = {"phase": phase, "conditions": conditions or []}
+    if waiting is not None:
+        status["containerStatuses"] = [{"name": "merge", "state": {"waiting": waiting}}]
+    return {"metadata": meta, "spec": {"nodeName": "gpu-1"} if phase == "Running" else {}, "status": status}
+
+
+def unschedulable(at: str = "2026-01-01T00:00:05Z") -> list[dict[str, Any]]:
+    return [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": UNSCHEDULABLE,
+             "lastTransitionTime": at}]
+
+
+JOB = {"metadata": {"name": "m", "creationTimestamp": "2026-01-01T00:00:00Z"},
+       "status": {"active": 1, "startTime": "2026-01-01T00:00:00Z"}}
+
+
+@pytest.mark.parametrize(("pods", "after", "phase", "reason", "stalled", "says"), [
+    ([pod(phase="Running")], 10, MergePhase.RUNNING, "Running", False, "running on gpu-1"),
+    ([pod(phase="Running")], 99999, MergePhase.RUNNING, "Running", False, ""),  # running: no timeout
+    ([pod(conditions=unschedulable())], 60, MergePhase.PENDING, "Unschedulable", False, "Insufficient nvidia.com/gpu"),
+    ([pod(conditions=unschedulable())], 604, MergePhase.PENDING, "Unschedulable", False, ""),  # since it was found so
+    ([pod(conditions=unschedulable())], 605, MergePhase.PENDING, "Unschedulable", True, "for more than 0:10:00"),
+    ([pod(waiting={"reason": "ImagePullBackOff", "message": "pull access denied"})], 5, MergePhase.PENDING,
+     "ImagePullBackOff", False, "pull access denied"),
+    ([pod(waiting={"reason": "ImagePullBackOff"})], 600, MergePhase.PENDING, "ImagePullBackOff", True, ""),
+    ([pod()], 5, MergePhase.PENDING, "PodPending", False, "m-abc is pending"),
+    ([], 5, MergePhase.PENDING, "PodNotCreated", False, "has not created a pod"),
+    ([], 600, MergePhase.PENDING, "PodNotCreated", True, ""),
+    ([pod("old", phase="Running", deleted=True), pod("new", created="2026-01-01T00:00:01Z",
+                                                     conditions=unschedulable())], 5,
+     MergePhase.PENDING, "Unschedulable", False, "pod new cannot be scheduled"),  # a deleted pod counts for nothing
+])
+def test_pod_progress(pods: list[dict[str, Any]], after: int, phase: MergePhase, reason: str, stalled: bool,
+                      says: str) -> None:
+    outcome = decisions.pod_progress(JOB, pods, T0 + timedelta(seconds=after), timedelta(minutes=10))
+    assert (outcome.phase, outcome.reason, outcome.stalled) == (phase, reason, stalled)
+    assert says in outcome.message
+
+
+def kstatus_of(conds: list[Any]) -> tuple[str, str, str]:
+    by = {c.type: c.status.value for c in conds}
+    return by["Ready"], by["Reconciling"], by["Stalled"]
+
+
+@pytest.mark.parametrize(("phase", "stalled", "expected"), [
+    (MergePhase.PENDING, False, ("False", "True", "False")),
+    (MergePhase.RUNNING, False, ("False", "True", "False")),
+    (MergePhase.PENDING, True, ("False", "False", "True")),
+    (MergePhase.SUCCEEDED, False, ("True", "False", "False")),
+    (MergePhase.FAILED, False, ("False", "False", "True")),
+])
+def test_every_merge_phase_carries_the_kstatus_conditions(phase: MergePhase, stalled: bool,
+                                                          expected: tuple[str, str, str]) -> None:
+    conds = decisions.merge_conditions(phase, "Why", "what", 1, T0, stalled=stalled)
+    assert kstatus_of(conds) == expected
+    assert all(c.observed_generation == 1 for c in conds)
+
+
+def test_a_first_status_is_reconciling_at_once_and_only_once_per_generation() -> None:
+    first = decisions.first_status(LearnerNamespaceStatus(), 1, T0)
+    assert first is not None and first.observed_generation == 1 and first.phase == LearnerPhase.PROVISIONING
+    assert kstatus_of(first.conditions) == ("False", "True", "False")
+    assert decisions.first_status(first, 1, T0) is None  # this generation has been seen
+    ready = first.model_copy(update={"phase": LearnerPhase.READY, "conditions": conditions.kstatus(
+        1, T0, ready=True, reconciling=False, stalled=False, reason="CheckpointVerified", message="")})
+    changed = decisions.first_status(ready, 2, T0 + timedelta(seconds=1))
+    assert changed is not None and changed.observed_generation == 2
+    assert changed.phase == LearnerPhase.READY  # a spec change keeps Ready; only Reconciling turns on
+    assert kstatus_of(changed.conditions) == ("True", "True", "False")
+    # the API server's default for a status nobody wrote yet (the CRD's status default)
+    assert decisions.first_status(LearnerNamespaceStatus(observed_generation=0), 1, T0) is not None
 
 
 @pytest.mark.parametrize(("claimed", "actual", "version", "bad", "accepted", "needle"), [

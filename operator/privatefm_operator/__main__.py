@@ -16,7 +16,8 @@ def main() -> int:
     # One active operator at a time comes from the Deployment (Recreate, 1 replica), so no peering.
     while True:
         handlers.RESTART.clear()
-        asyncio.run(kopf.operator(clusterwide=True, standalone=True, stop_flag=handlers.RESTART))
+        asyncio.run(kopf.operator(clusterwide=True, standalone=True, stop_flag=handlers.RESTART,
+                                  liveness_endpoint=handlers.LIVENESS_URL))
         if not handlers.RESTART.is_set():  # stopped by a signal
             return 0
 

@@ -317,6 +317,7 @@ class LearnerNamespaceSpec(Model):
 
 
 class LearnerPhase(StrEnum):
+    PROVISIONING = "Provisioning"           # first seen: the namespace and its children are being set up
     READY = "Ready"
     DEGRADED = "Degraded"
     RECOVERING = "Recovering"               # a fallback (re-clone and adapter replay) is under way

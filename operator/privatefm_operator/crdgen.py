@@ -87,6 +87,10 @@ def openapi_schema(info: CrdInfo) -> dict[str, Any]:
     schema["description"] = " ".join((info.model.__doc__ or "").split())
     if info.root_rules:
         schema["x-kubernetes-validations"] = info.root_rules
+    # An object the operator has not looked at yet is served with status.observedGeneration 0 (the
+    # API server applies defaults on every read), so kstatus and Argo CD read it as in progress, not
+    # Current: kstatus takes an object without any status for a ready one (docs/gitops.md).
+    props["status"]["default"] = {"observedGeneration": 0}
     return schema
 
 

@@ -14,6 +14,7 @@ from privatefm_merge.contract import MergeResult
 from privatefm_operator import conditions, naming
 from privatefm_operator.api import (
     Checkpoint,
+    Condition,
     DeletionStatus,
     Guardian,
     GuardianKind,
@@ -276,6 +277,27 @@ def learner_status(facts: LearnerFacts, old: LearnerNamespaceStatus) -> LearnerN
         "base_model_latest_version": latest, "version_lag": lag})
 
 
+def first_status(old: LearnerNamespaceStatus, generation: int | None, now: datetime) -> LearnerNamespaceStatus | None:
+    """The status written as soon as a generation is first seen, before any slow step (creating the
+    namespace, reading the store): Reconciling=True and observedGeneration, so no GitOps tool reads a
+    learner that is still being set up as Current. None once this generation has been seen.
+
+    A new learner gets phase Provisioning and all three kstatus conditions (Ready=False); a learner
+    whose spec changed keeps its phase and Ready, and only turns Reconciling on."""
+    if old.observed_generation == generation and old.conditions:
+        return None
+    if conditions.find(old.conditions, conditions.READY) is None:
+        new = conditions.kstatus(generation, now, ready=False, reconciling=True, stalled=False,
+                                 reason="Provisioning", message="provisioning the learner's namespace")
+        return old.model_copy(update={"phase": old.phase or LearnerPhase.PROVISIONING,
+                                      "observed_generation": generation,
+                                      "conditions": conditions.merge(old.conditions, new)})
+    new = [conditions.condition(conditions.RECONCILING, True, "SpecChanged",
+                                f"reconciling generation {generation}", generation, now)]
+    return old.model_copy(update={"observed_generation": generation,
+                                  "conditions": conditions.merge(old.conditions, new)})
+
+
 def unavailable_since(old: LearnerNamespaceStatus, now: datetime) -> datetime:
     """When the store became unreachable: the transition time of StoreAvailable=False, or now."""
     cond = conditions.find(old.conditions, conditions.STORE_AVAILABLE)
@@ -332,6 +354,7 @@ class JobOutcome:
     reason: str
     message: str
     result: MergeResult | None = None
+    stalled: bool = False  # Pending for longer than the pending timeout
 
 
 FINISHED = ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget")
@@ -364,8 +387,87 @@ def job_outcome(job_status: dict[str, Any], termination_message: str | None) -> 
         return JobOutcome(MergePhase.FAILED, str(failed.get("reason") or "JobFailed"),
                           parse_error or failed.get("message") or "the merge Job failed", result)
     if job_status.get("active") or job_status.get("ready"):
-        return JobOutcome(MergePhase.RUNNING, "Running", "the merge pod is running")
+        # Active counts pending pods too: only the pods themselves say whether one runs (pod_progress).
+        return JobOutcome(MergePhase.PENDING, "Pending", "the merge Job has a pod that is not running yet")
     return JobOutcome(MergePhase.PENDING, "Pending", "waiting for the merge pod")
+
+
+def _when(text: Any) -> datetime | None:
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def pod_progress(job: dict[str, Any], pods: list[dict[str, Any]], now: datetime, pending_timeout: timedelta
+                 ) -> JobOutcome:
+    """An unfinished run's state from its Job's pods: Running only while a pod really runs.
+
+    | the pods                                   | phase   | reason                            | stalled            |
+    |--------------------------------------------|---------|-----------------------------------|--------------------|
+    | one is Running                             | Running | Running                           | no                 |
+    | the newest has PodScheduled=False          | Pending | the scheduler's (Unschedulable)   | after the timeout  |
+    | the newest waits on a container            | Pending | the kubelet's (ImagePullBackOff)  | after the timeout  |
+    | the newest is Pending otherwise            | Pending | PodPending                        | after the timeout  |
+    | none yet                                   | Pending | PodNotCreated                     | after the timeout  |
+
+    The timeout counts from when the pod became unschedulable (the condition's transition time),
+    or from its creation, or (no pod yet) from when the Job started."""
+    live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
+    running = [p for p in live if (p.get("status") or {}).get("phase") == "Running"]
+    if running:
+        pod = running[0]
+        node = (pod.get("spec") or {}).get("nodeName") or "a node"
+        return JobOutcome(MergePhase.RUNNING, "Running", f"pod {pod['metadata']['name']} is running on {node}")
+    job_meta, job_status = job.get("metadata") or {}, job.get("status") or {}
+    pending = sorted((p for p in live if (p.get("status") or {}).get("phase") in (None, "Pending")),
+                     key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
+    if not pending:
+        since = _when(job_status.get("startTime")) or _when(job_meta.get("creationTimestamp")) or now
+        reason, message = "PodNotCreated", f"Job {job_meta.get('name', '')} has not created a pod yet"
+    else:
+        pod = pending[-1]
+        name, status = pod["metadata"]["name"], pod.get("status") or {}
+        since = _when(pod["metadata"].get("creationTimestamp")) or now
+        scheduled = next((c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), None)
+        waiting = next((cs["state"]["waiting"] for cs in status.get("containerStatuses") or []
+                        if (cs.get("state") or {}).get("waiting")), None)
+        if scheduled is not None and scheduled.get("status") == "False":
+            since = _when(scheduled.get("lastTransitionTime")) or since
+            reason = str(scheduled.get("reason") or "Unschedulable")
+            message = f"pod {name} cannot be scheduled: {scheduled.get('message') or reason}"
+        elif waiting is not None and waiting.get("reason"):
+            reason = str(waiting["reason"])
+            message = f"pod {name} is waiting: {reason}" + (f": {waiting['message']}" if waiting.get("message") else "")
+        else:
+            reason, message = "PodPending", f"pod {name} is pending"
+    if now - since >= pending_timeout:
+        return JobOutcome(MergePhase.PENDING, reason, f"{message} (pending for more than {pending_timeout})",
+                          stalled=True)
+    return JobOutcome(MergePhase.PENDING, reason, message)
+
+
+def merge_conditions(phase: MergePhase, reason: str, message: str, generation: int | None, at: datetime,
+                     stalled: bool = False) -> list[Condition]:
+    """The kstatus conditions of an AdapterMerge in ``phase``: every phase carries all three.
+
+    | phase                     | Ready | Reconciling | Stalled | kstatus    | Argo CD     |
+    |---------------------------|-------|-------------|---------|------------|-------------|
+    | Pending, Running          | False | True        | False   | InProgress | Progressing |
+    | Pending past the timeout  | False | False       | True    | Failed     | Degraded    |
+    | Succeeded                 | True  | False       | False   | Current    | Healthy     |
+    | Failed                    | False | False       | True    | Failed     | Degraded    |
+    """
+    if phase == MergePhase.SUCCEEDED:
+        ready, reconciling, stalled = True, False, False
+    elif phase == MergePhase.FAILED:
+        ready, reconciling, stalled = False, False, True
+    else:
+        ready, reconciling = False, not stalled
+    return conditions.kstatus(generation, at, ready=ready, reconciling=reconciling, stalled=stalled, reason=reason,
+                              message=message)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ LNS = (GROUP, VERSION, "learnernamespaces")
 AM = (GROUP, VERSION, "adaptermerges")
 OURS = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
 OUR_CRDS = frozenset({f"learnernamespaces.{GROUP}", f"adaptermerges.{GROUP}"})
+LIVENESS_URL = f"http://127.0.0.1:{SETTINGS.liveness_port}/healthz"  # kopf's own, on loopback only
 RESTART = threading.Event()  # set: kopf stops, and __main__ starts it afresh
 log = logging.getLogger("privatefm.operator")
 
@@ -49,7 +50,19 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # re-created CRD is a new object): the uid each of our CRDs had when first seen.
     memo.crd_uids = {}
     metrics.init_labels(t.value for t in MergeTrigger)
-    memo.http = metrics.start_http_server(SETTINGS.http_port, ready=lambda: "reconcilers" in memo)
+    memo.http = metrics.start_http_server(SETTINGS.http_port, ready=lambda: "reconcilers" in memo,
+                                          alive=lambda: metrics.kopf_liveness(LIVENESS_URL))
+
+
+@kopf.on.probe(id="reconcilers")
+def reconcilers_built(memo: kopf.Memo, **_: Any) -> bool:
+    """kopf runs probe handlers in its own event loop when its liveness endpoint is asked: an answer
+    at all proves the loop runs; an exception here turns /healthz into a 503."""
+    if "reconcilers" not in memo:
+        raise RuntimeError("the reconcilers are not built")
+    if RESTART.is_set():
+        raise RuntimeError("the operator loop is restarting")
+    return True
 
 
 @kopf.on.cleanup()

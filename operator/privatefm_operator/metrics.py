@@ -1,11 +1,18 @@
 """Prometheus metrics (the seed service's five figures, by Prometheus naming rules) and the
-operator's HTTP endpoints: /metrics, /healthz (liveness) and /readyz (readiness)."""
+operator's HTTP endpoints: /metrics, /healthz (liveness: kopf's own liveness endpoint, asked on
+every probe) and /readyz (readiness).
+
+The per-learner gauges carry one ``learner`` label each: one series per LearnerNamespace and gauge
+(three per learner), removed when the learner is deleted (docs/operator.md, Metrics)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TypeVar, cast
@@ -33,16 +40,46 @@ CHECKPOINT_BYTES_PRUNED = Counter("privatefm_checkpoint_bytes_pruned_total",
                                   "Bytes of checkpoints deleted by retention")
 UPLOADS_ABORTED = Counter("privatefm_incomplete_uploads_aborted_total", "Stale unfinished multipart uploads aborted "
                           "by retention")
+LEARNER_LAST_SUCCESS = Gauge("privatefm_learner_last_merge_success_timestamp_seconds",
+                             "When the learner's current checkpoint was verified (Unix time)", ["learner"])
+LEARNER_CHECKPOINT_VERSION = Gauge("privatefm_learner_checkpoint_version",
+                                   "Version of the learner's current verified checkpoint", ["learner"])
+LEARNER_VERSION_LAG = Gauge("privatefm_learner_version_lag",
+                            "Base versions the learner's checkpoint is behind the latest published base", ["learner"])
+LEARNER_GAUGES = (LEARNER_LAST_SUCCESS, LEARNER_CHECKPOINT_VERSION, LEARNER_VERSION_LAG)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def start_http_server(port: int, ready: Callable[[], bool], host: str = "0.0.0.0") -> ThreadingHTTPServer:
+def observe_learner(name: str, checkpoint_version: int | None, verified_at: float | None, lag: int | None) -> None:
+    """The per-learner gauges, from the status just written. A value that is unknown has no series."""
+    for gauge, value in ((LEARNER_CHECKPOINT_VERSION, checkpoint_version), (LEARNER_LAST_SUCCESS, verified_at),
+                         (LEARNER_VERSION_LAG, lag)):
+        if value is None:
+            forget_series(gauge, name)
+        else:
+            gauge.labels(learner=name).set(value)
+
+
+def forget_series(gauge: Gauge, name: str) -> None:
+    with contextlib.suppress(KeyError):
+        gauge.remove(name)
+
+
+def forget_learner(name: str) -> None:
+    for gauge in LEARNER_GAUGES:
+        forget_series(gauge, name)
+
+
+def start_http_server(port: int, ready: Callable[[], bool], alive: Callable[[], tuple[bool, bytes]],
+                      host: str = "0.0.0.0") -> ThreadingHTTPServer:
+    """``alive()``: (whether the operator's loop is alive, what to say); ``ready()``: whether it serves."""
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path == "/metrics":
                 self._send(200, generate_latest(), CONTENT_TYPE_LATEST)
             elif self.path == "/healthz":
-                self._send(200, b"ok\n")
+                ok, body = alive()
+                self._send(200 if ok else 503, body)
             elif self.path == "/readyz":
                 ok = ready()
                 self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
@@ -62,6 +99,18 @@ def start_http_server(port: int, ready: Callable[[], bool], host: str = "0.0.0.0
     server = ThreadingHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server
+
+
+def kopf_liveness(url: str, timeout: float = 5.0) -> tuple[bool, bytes]:
+    """Asks kopf's liveness endpoint: it answers only while kopf's event loop runs, and 200 only
+    when every ``kopf.on.probe`` handler succeeds."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status == 200, response.read()
+    except urllib.error.HTTPError as err:
+        return False, f"kopf liveness: HTTP {err.code}: {err.read()[:512]!r}\n".encode()
+    except OSError as err:
+        return False, f"kopf liveness endpoint does not answer: {err}\n".encode()
 
 
 def init_labels(triggers: Iterable[str]) -> None:

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     merge_memory: str = Field(default="16Gi")
     merge_deadline_seconds: int = Field(default=6 * 3600, ge=60)
     merge_run_as_user: int = Field(default=65532)
+    merge_pending_timeout_seconds: float = Field(
+        default=1800.0, gt=0, description="How long a merge pod may stay Pending (unschedulable, image pull) "
+                                          "before its AdapterMerge turns Stalled")
     job_history: int = Field(default=3, ge=0, description="Finished scheduled Jobs each CronJob keeps")
 
     # Learner namespaces
@@ -71,3 +74,5 @@ class Settings(BaseSettings):
                                                                        "uploads older than this")
     resync_seconds: float = Field(default=60.0, gt=0, description="How often drift is repaired")
     http_port: int = Field(default=8080, description="/metrics, /healthz, /readyz")
+    liveness_port: int = Field(default=8081, description="kopf's own liveness endpoint, on 127.0.0.1 only; "
+                                                         "/healthz asks it")

@@ -1,7 +1,7 @@
 """LearnerNamespace: keep the learner's namespace and its children true, and report what is.
 
-    reconcile = read_spec → hold → provision → observe_base → recover_history → check_integrity → deep_check
-                → heal → retain → write status (once) → announce
+    reconcile = read_spec → hold → acknowledge (a first status) → provision → observe_base → recover_history
+                → check_integrity → deep_check → heal → retain → write status → announce
 
 Self-healing: ``check_integrity`` runs the cheap check of the current checkpoint (manifest, sizes,
 checksums; no model bytes) when the learner's staggered slot comes. A failed check takes the
@@ -148,8 +148,8 @@ class LearnerReconciler:
             return None
         with self._locks(None, name):
             scope = LearnerScope(lns)
-            for phase in (self.read_spec, self.hold, self.provision, self.observe_base, self.recover_history,
-                          self.check_integrity, self.deep_check, self.heal, self.retain):
+            for phase in (self.read_spec, self.hold, self.acknowledge, self.provision, self.observe_base,
+                          self.recover_history, self.check_integrity, self.deep_check, self.heal, self.retain):
                 step = phase(scope)
                 if step is Step.SKIP:
                     return scope.learner
@@ -175,6 +175,7 @@ class LearnerReconciler:
     def forget(self, name: str) -> None:
         self._known.discard(name)
         metrics.LEARNER_NAMESPACES.set(len(self._known))
+        metrics.forget_learner(name)
 
     # ---- phases ------------------------------------------------------------------------------
     def read_spec(self, scope: LearnerScope) -> Step:
@@ -200,6 +201,15 @@ class LearnerReconciler:
                 "finalizers": [*finalizers, naming.GUARDIAN_FINALIZER],
                 "resourceVersion": scope.lns.metadata["resourceVersion"]}})
             scope.lns = parse(LearnerNamespace, body)
+        return Step.CONTINUE
+
+    def acknowledge(self, scope: LearnerScope) -> Step:
+        """A generation seen for the first time gets a status at once (Reconciling=True,
+        observedGeneration), before the slow steps: GitOps tools read it as progressing."""
+        generation, now = scope.lns.metadata.get("generation"), utc_now()
+        if decisions.first_status(status_of(scope.lns, LearnerNamespaceStatus), generation, now) is not None:
+            scope.lns = update_status(self.clients, scope.lns,
+                                      lambda old: decisions.first_status(old, generation, now) or old)
         return Step.CONTINUE
 
     def _invalid(self, scope: LearnerScope, problem: str) -> Step:
@@ -277,7 +287,11 @@ class LearnerReconciler:
             for change in scope.mutations:
                 old = change(old)
             return decisions.learner_status(facts, old)
-        update_status(self.clients, scope.lns, mutate, observed=True)
+        written = status_of(update_status(self.clients, scope.lns, mutate, observed=True), LearnerNamespaceStatus)
+        current = written.current_checkpoint
+        metrics.observe_learner(scope.lns.metadata["name"], current.version if current else None,
+                                current.verified_at.timestamp() if current and current.verified_at else None,
+                                written.version_lag)
 
     # ---- self-healing ------------------------------------------------------------------------
     def check_integrity(self, scope: LearnerScope) -> Step:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from privatefm_merge import contract, layout
@@ -192,8 +193,12 @@ class MergeReconciler:
         scope.status = scope.status.model_copy(update={
             "phase": MergePhase.PENDING, "learner": learner.name, "target_version": target,
             "parent_version": current.version if current else None, "base_version": base, "adapter_seq": adapter,
-            "adapter_seqs": folded,
-            "job": JobRef(name=scope.merge.name)})
+            "adapter_seqs": folded, "reason": "Planned",
+            "message": f"v{target} assigned (base v{base}, adapters {folded}); starting the Job",
+            "job": JobRef(name=scope.merge.name),
+            "conditions": conditions.merge(scope.status.conditions, decisions.merge_conditions(
+                MergePhase.PENDING, "Planned", f"v{target} assigned; starting the Job", scope.merge.generation,
+                utc_now()))})
         log.info("merge planned", extra={"fields": {"learner": learner.name, "merge": scope.merge.name,
                                                     "version": target, "base": base, "adapters": folded}})
         return Step.REQUEUE
@@ -281,18 +286,33 @@ class MergeReconciler:
         return Step.CONTINUE
 
     def observe_job(self, scope: MergeScope) -> Step:
-        job_status = (scope.job or {}).get("status") or {}
+        """A finished Job's outcome; an unfinished one's state from its pods (Running only while a pod
+        runs; Pending with the scheduler's reason, and Stalled past the pending timeout)."""
+        job = scope.job or {}
+        job_status = job.get("status") or {}
         message = self._termination_message(scope) if decisions.job_finished(job_status) else None
         outcome = decisions.job_outcome(job_status, message)
         scope.result = outcome.result
         if outcome.phase in (MergePhase.PENDING, MergePhase.RUNNING):
-            if scope.status.phase != outcome.phase:
-                started = utc_now() if outcome.phase == MergePhase.RUNNING else scope.status.started_at
-                scope.status = scope.status.model_copy(update={
-                    "phase": outcome.phase, "started_at": started,
-                    "conditions": conditions.merge(scope.status.conditions, conditions.kstatus(
-                        scope.merge.generation, utc_now(), ready=False, reconciling=True, stalled=False,
-                        reason=outcome.reason, message=outcome.message))})
+            am, now = scope.merge, utc_now()
+            pods = self.clients.kube.list("Pod", am.namespace or "", selector=f"{naming.JOB_NAME_LABEL}={am.name}")
+            outcome = decisions.pod_progress(job, pods, now, timedelta(
+                seconds=self.clients.settings.merge_pending_timeout_seconds))
+            status = scope.status
+            started = status.started_at or (now if outcome.phase == MergePhase.RUNNING else None)
+            stalled = conditions.find(status.conditions, conditions.STALLED)
+            was_stalled = stalled is not None and stalled.status.value == "True"
+            if (status.phase, status.reason, status.message, was_stalled) != (
+                    outcome.phase, outcome.reason, outcome.message[:MESSAGE_LIMIT], outcome.stalled):
+                scope.status = status.model_copy(update={
+                    "phase": outcome.phase, "started_at": started, "reason": outcome.reason,
+                    "message": outcome.message[:MESSAGE_LIMIT],
+                    "conditions": conditions.merge(status.conditions, decisions.merge_conditions(
+                        outcome.phase, outcome.reason, outcome.message[:MESSAGE_LIMIT], am.generation, now,
+                        stalled=outcome.stalled))})
+                if outcome.stalled and not was_stalled:
+                    scope.after_write.append(lambda: self.clients.kube.event(
+                        am.ref(), "Warning", "MergeStalled", f"{outcome.reason}: {outcome.message}"[:1024]))
             return Step.DONE
         if outcome.phase == MergePhase.FAILED or outcome.result is None:
             return self.finish(scope, MergePhase.FAILED, outcome.reason, outcome.message)
@@ -350,9 +370,8 @@ class MergeReconciler:
             "phase": phase, "reason": reason, "message": message, "completed_at": utc_now(),
             "duration_seconds": duration if duration is not None else scope.status.duration_seconds,
             "checkpoint": checkpoint or scope.status.checkpoint,
-            "conditions": conditions.merge(scope.status.conditions, conditions.kstatus(
-                generation, utc_now(), ready=succeeded, reconciling=False, stalled=not succeeded, reason=reason,
-                message=message))})
+            "conditions": conditions.merge(scope.status.conditions, decisions.merge_conditions(
+                phase, reason, message, generation, utc_now()))})
         scope.after_write.insert(0, lambda: self._announce(scope, phase, reason, message, checkpoint))
         if not succeeded:
             scope.after_write.append(lambda: self._abort_uploads(scope))

@@ -26,7 +26,7 @@ class OperatorProcess:
             "PRIVATEFM_S3_ENDPOINT": s3.endpoint, "PRIVATEFM_S3_BUCKET": s3.bucket,
             # The operator's own identity, never the store's admin.
             "PRIVATEFM_S3_ACCESS_KEY": s3.operator.access_key, "PRIVATEFM_S3_SECRET_KEY": s3.operator.secret_key,
-            "PRIVATEFM_HTTP_PORT": str(self.port),
+            "PRIVATEFM_HTTP_PORT": str(self.port), "PRIVATEFM_LIVENESS_PORT": str(free_port()),
             **{f"PRIVATEFM_{k.upper()}": v for k, v in settings.items()},
         }
         self.proc: subprocess.Popen[bytes] | None = None
