@@ -163,7 +163,7 @@ def operator(kube: Kube, s3: S3Info, operator_kubeconfig: Path, base_model: str,
     proc = OperatorProcess(operator_kubeconfig, s3, tmp_path_factory.mktemp("operator") / "operator.log",
                            merge_gpus="0", resync_seconds="2", merge_image="privatefm/merge:test",
                            store_timeout_seconds="1", store_grace_seconds="8", integrity_check_seconds="10",
-                           fallback_backoff_seconds="5")
+                           fallback_backoff_seconds="5", merge_pending_timeout_seconds="8")
     proc.start()
     yield proc
     proc.stop()

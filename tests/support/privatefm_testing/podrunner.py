@@ -1,6 +1,11 @@
 """Runs Pods as local processes, in place of a scheduler, kubelet and container runtime.
 
-For every Pending pod it selects, it binds the pod to a local Node object, resolves the
+It schedules as kube-scheduler would onto its one Node, whose labels are ``NODE_LABELS`` and which
+has no GPUs: a pod whose nodeSelector that node does not match, or that asks for
+``nvidia.com/gpu``, stays Pending with the scheduler's own condition (PodScheduled=False,
+reason Unschedulable, and the scheduler's message), and is looked at again on every poll.
+
+For every other Pending pod it selects, it binds the pod to that Node, resolves the
 container's environment the way the kubelet does (plain values, the downward API, Secret and
 ConfigMap references, ``envFrom``), runs the container's command, and reports the phase, exit
 code and termination message back through the pod's status. What a container runtime does with
@@ -33,6 +38,7 @@ from kubernetes.client.exceptions import ApiException
 from privatefm_merge.clock import rfc3339
 
 NODE = "privatefm-local"
+NODE_LABELS = {"kubernetes.io/hostname": NODE, "privatefm.io/local-runner": "true"}
 SELECTOR = "app.kubernetes.io/managed-by=privatefm-operator"
 MAX_MESSAGE = 4096
 log = logging.getLogger("privatefm.podrunner")
@@ -95,8 +101,7 @@ class PodRunner:
             self._thread.join(timeout=10)
 
     def _ensure_node(self) -> None:
-        node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE, "labels": {
-            "kubernetes.io/hostname": NODE, "privatefm.io/local-runner": "true"}}}
+        node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE, "labels": dict(NODE_LABELS)}}
         with contextlib.suppress(ApiException):
             self.core.create_node(node)
 
@@ -110,6 +115,10 @@ class PodRunner:
                     live.add(key)
                     if key not in self._started and (pod.get("status") or {}).get("phase") == "Pending" \
                             and not pod["metadata"].get("deletionTimestamp"):
+                        why = unschedulable(pod)
+                        if why is not None:
+                            self._report_unschedulable(pod, why)
+                            continue
                         self._started.add(key)
                         threading.Thread(target=self._run_pod, args=(pod,), name=f"pod {key}", daemon=True).start()
                 for key in set(self._procs) - live:  # deleted while running
@@ -118,6 +127,17 @@ class PodRunner:
             except Exception as err:  # the API server may restart under tests; keep going
                 log.warning("pod runner poll failed: %s", err)
             self._stop.wait(self.poll)
+
+    def _report_unschedulable(self, pod: dict[str, Any], message: str) -> None:
+        """What kube-scheduler writes on a pod it cannot place (once: the condition stays)."""
+        current = next((c for c in (pod.get("status") or {}).get("conditions") or []
+                        if c.get("type") == "PodScheduled"), None)
+        if current is not None and current.get("status") == "False" and current.get("message") == message:
+            return
+        condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message,
+                     "lastProbeTime": None, "lastTransitionTime": rfc3339()}
+        self.core.patch_namespaced_pod_status(pod["metadata"]["name"], pod["metadata"]["namespace"],
+                                              {"status": {"phase": "Pending", "conditions": [condition]}})
 
     # ---- one pod ---------------------------------------------------------------------------
     def resolve_env(self, pod: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
@@ -270,6 +290,23 @@ class PodRunner:
                                    "state": state}],
         }
         self.core.patch_namespaced_pod_status(name, ns, {"status": status})
+
+
+def unschedulable(pod: dict[str, Any]) -> str | None:
+    """The scheduler's message when the local node cannot take ``pod`` (None when it can): the
+    messages are kube-scheduler's own, for a one-node cluster."""
+    spec = pod.get("spec") or {}
+    selector = spec.get("nodeSelector") or {}
+    if any(NODE_LABELS.get(key) != value for key, value in selector.items()):
+        return ("0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector. preemption: "
+                "0/1 nodes are available: 1 Preemption is not helpful for scheduling.")
+    for container in spec.get("containers") or []:
+        resources = container.get("resources") or {}
+        wanted = {**(resources.get("requests") or {}), **(resources.get("limits") or {})}
+        if str(wanted.get("nvidia.com/gpu", "0")) not in ("0", ""):
+            return ("0/1 nodes are available: 1 Insufficient nvidia.com/gpu. preemption: 0/1 nodes are available: "
+                    "1 No preemption victims found for incoming pod.")
+    return None
 
 
 def translate(value: str, mounts: dict[str, Path]) -> str:
