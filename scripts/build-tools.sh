@@ -6,6 +6,7 @@
 #   kube-apiserver, kube-controller-manager, kubectl  k8s.io/kubernetes via a wrapper module
 #   helm                                               go install helm.sh/helm/v3/cmd/helm
 #   minio (S3 server enforcing IAM/STS policies)       go install github.com/minio/minio
+#   promtool (checks and tests the alerting rules)     go install github.com/prometheus/prometheus/cmd/promtool
 #   etcd                                               Debian's etcd-server (3.4.23 supports k8s <= 1.33)
 set -euo pipefail
 
@@ -80,6 +81,9 @@ if [[ -x "$CACHE/kube-linter-$KUBE_LINTER_VERSION/kube-linter" ]]; then
   ln -sf "$CACHE/kube-linter-$KUBE_LINTER_VERSION/kube-linter" "$BIN/kube-linter"
 fi
 # ---- end manifest linters ----
+
+# promtool: tests/test_monitoring.py checks the chart's PrometheusRule with it.
+go_install promtool "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION"
 
 if ! command -v etcd >/dev/null 2>&1; then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
