@@ -47,7 +47,8 @@ class Recorder:
         self.api = client.CustomObjectsApi(kube.api_client())
         self.seen: list[dict[str, Any]] = []
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._watch, args=(plural,), daemon=True)
+        # Listed now, watched from there: every change after this moment arrives, creations included.
+        self._threads = [threading.Thread(target=self._watch, args=(plural, self._listed(plural)), daemon=True)
                          for plural in ("learnernamespaces", "adaptermerges")]
         self._lock = threading.Lock()
 
@@ -61,8 +62,11 @@ class Recorder:
         for t in self._threads:
             t.join(timeout=10)
 
-    def _watch(self, plural: str) -> None:
-        version: str | None = None
+    def _listed(self, plural: str) -> str:
+        listed = self.api.list_cluster_custom_object("privatefm.io", "v1alpha1", plural)
+        return str(listed["metadata"]["resourceVersion"])
+
+    def _watch(self, plural: str, version: str | None) -> None:
         while not self._stop.is_set():
             try:
                 for event in watch.Watch().stream(self.api.list_cluster_custom_object, "privatefm.io", "v1alpha1",
