@@ -142,3 +142,54 @@ def test_service_monitor_relabelings() -> None:
     assert endpoint["metricRelabelings"][0]["action"] == "drop"
     (plain,) = of_kind(render("--set", "serviceMonitor.enabled=true"), "ServiceMonitor")
     assert "relabelings" not in plain["spec"]["endpoints"][0]
+
+
+def test_healthz_is_what_kopf_liveness_says() -> None:
+    """/healthz passes kopf's liveness answer on: 200 only when kopf answers 200; a probe handler that
+    raises (kopf answers 500) or a loop that does not answer makes it 503."""
+    import threading
+    import urllib.error
+    import urllib.request
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from privatefm_operator import metrics
+    from privatefm_testing.cluster import free_port
+
+    answer = {"code": 200}
+
+    class Kopf(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"reconcilers": true}' if answer["code"] == 200 else b"probe failed"
+            self.send_response(answer["code"])
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    kopf_server = ThreadingHTTPServer(("127.0.0.1", free_port()), Kopf)
+    threading.Thread(target=kopf_server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{kopf_server.server_address[1]}/healthz"
+    live = {"url": url}
+    ours = metrics.start_http_server(free_port(), ready=lambda: True,
+                                     alive=lambda: metrics.kopf_liveness(live["url"], timeout=2), host="127.0.0.1")
+    healthz = f"http://127.0.0.1:{ours.server_address[1]}/healthz"
+
+    def status() -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(healthz, timeout=5) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+    try:
+        assert status() == (200, b'{"reconcilers": true}')
+        answer["code"] = 500
+        code, body = status()
+        assert code == 503 and b"HTTP 500" in body
+        live["url"] = f"http://127.0.0.1:{free_port()}/healthz"  # nothing listens: the loop is gone
+        code, body = status()
+        assert code == 503 and b"does not answer" in body
+    finally:
+        ours.shutdown()
+        kopf_server.shutdown()

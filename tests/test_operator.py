@@ -386,11 +386,26 @@ def test_metrics_count_what_happened(kube: Kube, learner: LearnerHandle, operato
     live = len(get(kube, "lns")["items"])
     assert after["privatefm_learner_namespaces"] == live
     assert any(k.startswith("privatefm_reconcile_duration_seconds_count") for k in after)
+    # The per-learner gauges follow the learner's status (written after the run's checkpoint moved).
+    status = learner.status()
+    series = f'{{learner="{learner.name}"}}'
+
+    def gauges() -> dict[str, float] | None:
+        now = operator.metrics()
+        return now if now.get("privatefm_learner_checkpoint_version" + series) == \
+            status["currentCheckpoint"]["version"] else None
+    now = wait_for(gauges, 30, "the checkpoint version gauge")
+    verified = datetime.fromisoformat(status["currentCheckpoint"]["verifiedAt"].replace("Z", "+00:00"))
+    assert now["privatefm_learner_last_merge_success_timestamp_seconds" + series] == pytest.approx(
+        verified.timestamp(), abs=1)
+    assert now["privatefm_learner_version_lag" + series] == status["versionLag"] == 0
 
 
 def test_probes_and_structured_logs(operator: OperatorProcess, learner: LearnerHandle) -> None:
     for path in ("/healthz", "/readyz"):
         assert urllib.request.urlopen(operator.url + path, timeout=5).status == 200
+    # /healthz is kopf's liveness answer: the results of its probe handlers, from its own event loop.
+    assert json.loads(urllib.request.urlopen(operator.url + "/healthz", timeout=5).read()) == {"reconcilers": True}
     lines = operator.log_path.read_text().splitlines()
     assert lines, "the operator logged nothing"
     records = [json.loads(line) for line in lines]  # every line is one JSON object
