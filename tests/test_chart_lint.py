@@ -7,8 +7,9 @@
   reachable), privatefm's from ``crds/`` (openapi2jsonschema's ``{kind}_{version}.json`` layout);
 - ``kube-linter`` with ``.kube-linter.yaml``, where every disabled check has its reason beside it.
 
-The only kind no schema exists for here is the Prometheus Operator's ServiceMonitor (its CRD is not
-part of this repository): kubeconform skips it, by name.
+The only kinds no schema exists for here are the Prometheus Operator's ServiceMonitor and
+PrometheusRule (their CRDs are not part of this repository): kubeconform skips them, by name; promtool
+checks the rule (tests/test_monitoring.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "privatefm-operator"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 SCENARIOS = ["defaults", *(p.name for p in CI_VALUES), "kustomize", "samples"]
-SKIPPED_KINDS = ["ServiceMonitor"]  # monitoring.coreos.com: the Prometheus Operator's CRD is not in this repo
+# monitoring.coreos.com: the Prometheus Operator's CRDs are not in this repo (the PrometheusRule is
+# checked by promtool instead: tests/test_monitoring.py).
+SKIPPED_KINDS = ["ServiceMonitor", "PrometheusRule"]
 KUBE_LINTER = BIN / "kube-linter"
 KUBE_LINTER_CONFIG = REPO / ".kube-linter.yaml"
 
