@@ -675,3 +675,17 @@ def test_merge_verify_and_scheduled_pods_mount_the_store_ca_bundle_when_set() ->
     plain = builders.merge_job(LEARNER, SETTINGS, "run", MergeTrigger.MANUAL, {}, {})["spec"]["template"]["spec"]
     assert [v["name"] for v in plain["volumes"]] == ["tmp"]
     assert not [e for e in plain["containers"][0]["env"] if e["name"] == "AWS_CA_BUNDLE"]
+
+
+def test_a_learner_whose_history_could_not_be_read_is_not_ready_yet() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    facts = decisions.LearnerFacts(generation=1, now=now, ns_uid="abc", namespace="lrn-x", latest_base=1,
+                                   store_problem="read timeout", checkpoints_uri="s3://b/learners/x/checkpoints")
+    out = decisions.learner_status(facts, LearnerNamespaceStatus())
+    ready = conditions.find(out.conditions, "Ready")
+    reconciling = conditions.find(out.conditions, "Reconciling")
+    assert ready is not None and (ready.status.value, ready.reason) == ("False", "ReadingHistory")
+    assert reconciling is not None and reconciling.status.value == "True"
+    known = LearnerNamespaceStatus(last_assigned_version=2)  # history known: a short outage leaves it Ready
+    ready = conditions.find(decisions.learner_status(facts, known).conditions, "Ready")
+    assert ready is not None and ready.status.value == "True"

@@ -816,7 +816,7 @@ def test_operator_restarts_never_delete_early_and_always_finish(kube: Kube, lear
 
 # ---- 15. a CRD reinstall loses nothing -------------------------------------------------------
 def test_crd_reinstall_with_twenty_learners_keeps_every_learner(kube: Kube, operator: OperatorProcess, s3: S3Info,
-                                                                uid: str) -> None:
+                                                                uid: str, request: pytest.FixtureRequest) -> None:
     """The CRDs are deleted (an uninstall, a botched upgrade). With the guardian finalizer the CRD
     stays Terminating; a cluster admin strips the finalizers (the break-glass path of a stuck
     uninstall), so every CR vanishes without the operator's deletion flow. Re-applying the CRDs
@@ -832,7 +832,8 @@ def test_crd_reinstall_with_twenty_learners_keeps_every_learner(kube: Kube, oper
     kube.kubectl("apply", "-f", "-", input=json.dumps(fleet))
     names = [m["metadata"]["name"] for m in manifests]
     kube.kubectl("wait", "--for=condition=Ready", *(f"lns/{n}" for n in names), "--timeout=120s")
-    handles = []
+    handles: list[LearnerHandle] = []
+    request.addfinalizer(lambda: [handle.delete() for handle in handles])  # even when the test fails
     for name, body in zip(names, manifests, strict=True):
         status = get(kube, "lns", name)["status"]
         handle = LearnerHandle(kube, s3, name, body["spec"]["learnerId"], status["namespace"], status["nsUid"])
@@ -872,8 +873,6 @@ def test_crd_reinstall_with_twenty_learners_keeps_every_learner(kube: Kube, oper
     handles[0].request_merge("second")
     status = handles[0].wait_merge("second")["status"]
     assert status["phase"] == "Succeeded" and status["targetVersion"] == 2
-    for handle in handles:
-        handle.delete()
 
 
 # ---- self-healing: integrity checks, fallback, adapter log -------------------------------------

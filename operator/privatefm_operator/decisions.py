@@ -194,6 +194,7 @@ def learner_status(facts: LearnerFacts, old: LearnerNamespaceStatus) -> LearnerN
     | a fallback gave up                     | Failed   | False | True    | FallbackFailed     |
     | a fallback is under way                | Recovering | False | False | Corruption / VersionLag / Requested |
     | the store unreachable past the grace   | Degraded | False | False   | StoreUnreachable   |
+    | its history unread (store unreachable) | Degraded | False | False   | ReadingHistory     |
     | the checkpoint failed a check          | Degraded | False | False   | the check's reason (*) |
     | the checkpoint lags too far            | Degraded | True  | False   | CheckpointVerified |
     | otherwise                              | Ready    | True  | False   | CheckpointVerified / Provisioned |
@@ -236,6 +237,10 @@ def learner_status(facts: LearnerFacts, old: LearnerNamespaceStatus) -> LearnerN
     elif store_down:
         phase, ready, stalled, reason = LearnerPhase.DEGRADED, False, False, "StoreUnreachable"
         message = f"the store has been unreachable for more than {facts.store_grace}: {facts.store_problem}"
+    elif facts.store_problem and old.last_assigned_version is None and old.current_checkpoint is None:
+        # Its history (a re-created CR's checkpoints) could not be read yet: not Ready until it is.
+        phase, ready, stalled, reason, reconciling = LearnerPhase.DEGRADED, False, False, "ReadingHistory", True
+        message = f"the learner's history in the store could not be read yet: {facts.store_problem}"
     elif corrupt:
         assert integrity is not None
         phase, ready, stalled, reason = LearnerPhase.DEGRADED, False, False, integrity.reason or "Corruption"
