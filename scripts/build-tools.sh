@@ -19,36 +19,53 @@ BIN="$CACHE/bin"
 mkdir -p "$BIN"
 log() { echo "[build-tools] $*" >&2; }
 
-k8s_dir="$CACHE/kubernetes-$KUBERNETES_VERSION"
-if [[ ! -x "$k8s_dir/kube-apiserver" || ! -x "$k8s_dir/kube-controller-manager" || ! -x "$k8s_dir/kubectl" ]]; then
-  log "building kubernetes $KUBERNETES_VERSION (kube-apiserver, kube-controller-manager, kubectl)"
-  wrap="$CACHE/src/kubernetes-wrapper-$KUBERNETES_VERSION"
-  rm -rf "$wrap" && mkdir -p "$wrap" && cd "$wrap"
-  minor="${KUBERNETES_VERSION#v1.}"            # 33.13
-  staging_version="v0.$minor"
-  cat > go.mod <<MOD
+# k8s.io/kubernetes is built through a wrapper module whose replace lines pin the staging modules;
+# the authoritative staging list is the replace block of the release's own go.mod.
+k8s_build() {  # out_dir cmd...
+  local out="$1"; shift
+  local wrap="$CACHE/src/kubernetes-wrapper-$KUBERNETES_VERSION"
+  if [[ ! -f "$wrap/go.mod.done" ]]; then
+    rm -rf "$wrap" && mkdir -p "$wrap"
+    local minor="${KUBERNETES_VERSION#v1.}"            # 33.13
+    cat > "$wrap/go.mod" <<MOD
 module privatefm.local/kubernetes-wrapper
 
 go 1.24
 
 require k8s.io/kubernetes $KUBERNETES_VERSION
 MOD
-  # The authoritative staging list is the replace block of the release's own go.mod.
-  upstream_mod="$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
-  grep -E '^\s*k8s\.io/[a-z0-9-]+ => \./staging/' "$upstream_mod" | awk -v v="$staging_version" \
-    '{ printf "replace %s => %s %s\n", $1, $1, v }' >> go.mod
-  log "pinned $(grep -c '^replace' go.mod) staging modules to $staging_version"
-  major_minor="${KUBERNETES_VERSION#v}"; k_major="${major_minor%%.*}"; rest="${major_minor#*.}"; k_minor="${rest%%.*}"
-  ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$KUBERNETES_VERSION"
-  ldflags+=" -X k8s.io/component-base/version.gitMajor=$k_major -X k8s.io/component-base/version.gitMinor=$k_minor"
+    local upstream_mod
+    upstream_mod="$(cd "$wrap" && go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
+    grep -E '^\s*k8s\.io/[a-z0-9-]+ => \./staging/' "$upstream_mod" | awk -v v="v0.$minor" \
+      '{ printf "replace %s => %s %s\n", $1, $1, v }' >> "$wrap/go.mod"
+    log "pinned $(grep -c '^replace' "$wrap/go.mod") staging modules to v0.$minor"
+    touch "$wrap/go.mod.done"
+  fi
+  local major_minor="${KUBERNETES_VERSION#v}"; local k_major="${major_minor%%.*}"; local rest="${major_minor#*.}"
+  local ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$KUBERNETES_VERSION"
+  ldflags+=" -X k8s.io/component-base/version.gitMajor=$k_major -X k8s.io/component-base/version.gitMinor=${rest%%.*}"
   ldflags+=" -X k8s.io/component-base/version.gitTreeState=clean"
   ldflags+=" -X k8s.io/client-go/pkg/version.gitVersion=$KUBERNETES_VERSION"
-  mkdir -p "$k8s_dir.tmp"
-  go build -trimpath -ldflags "$ldflags" -o "$k8s_dir.tmp/" \
-    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl
-  rm -rf "$k8s_dir" && mv "$k8s_dir.tmp" "$k8s_dir"
+  log "building kubernetes $KUBERNETES_VERSION: ${*##*/}"
+  rm -rf "$out.tmp" && mkdir -p "$out.tmp"
+  (cd "$wrap" && go build -trimpath -ldflags "$ldflags" -o "$out.tmp/" "$@")
+  rm -rf "$out" && mv "$out.tmp" "$out"
+}
+
+k8s_dir="$CACHE/kubernetes-$KUBERNETES_VERSION"
+if [[ ! -x "$k8s_dir/kube-apiserver" || ! -x "$k8s_dir/kube-controller-manager" || ! -x "$k8s_dir/kubectl" ]]; then
+  k8s_build "$k8s_dir" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kubectl
 fi
 for b in kube-apiserver kube-controller-manager kubectl; do ln -sf "$k8s_dir/$b" "$BIN/$b"; done
+
+# The node (privatefm_testing.node): kubelet and kube-scheduler, in their own cache directory so
+# that adding them did not rebuild the control plane.
+node_dir="$CACHE/kubernetes-node-$KUBERNETES_VERSION"
+if [[ ! -x "$node_dir/kubelet" || ! -x "$node_dir/kube-scheduler" ]]; then
+  k8s_build "$node_dir" k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-scheduler
+fi
+for b in kubelet kube-scheduler; do ln -sf "$node_dir/$b" "$BIN/$b"; done
 
 go_install() {  # name module@version
   local name="$1" target="$2" dir="$CACHE/$1-${2##*@}"

@@ -137,6 +137,8 @@ def cmd_pod(env: Mapping[str, str]) -> int:
         log.error("merge_failed", extra={"fields": {"reason": result.reason, "message": result.message}})
         _write_result(result_path, result)
         return 1
+    # Who the pod really runs as (the Job asks for 65532; a cluster's policy may differ).
+    _event("pod_started", {"uid": os.getuid(), "gid": os.getgid(), "version": job.target_version})
     result = run_merge(job, part_size=part_size)
     _write_result(result_path, result)
     return 0 if result.succeeded else 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 
 import kopf
@@ -16,8 +17,11 @@ def main() -> int:
     # One active operator at a time comes from the Deployment (Recreate, 1 replica), so no peering.
     while True:
         handlers.RESTART.clear()
+        # An explicit identity: kopf's default asks the password database for the user, and the image's
+        # uid 65532 has no entry there (getpwuid fails and the operator would crash at start).
         asyncio.run(kopf.operator(clusterwide=True, standalone=True, stop_flag=handlers.RESTART,
-                                  liveness_endpoint=handlers.LIVENESS_URL))
+                                  liveness_endpoint=handlers.LIVENESS_URL,
+                                  identity=kopf.Identity(socket.gethostname())))
         if not handlers.RESTART.is_set():  # stopped by a signal
             return 0
 

@@ -1,19 +1,26 @@
 """``privatefm-cluster``: start, inspect and stop the local control plane and S3 server.
 
-    privatefm-cluster up   [--dir DIR]   start everything; leaves it running, prints how to reach it
-    privatefm-cluster env  [--dir DIR]   print shell exports for KUBECONFIG, PATH and the S3 settings
-    privatefm-cluster down [--dir DIR]   stop every process the cluster started
+    privatefm-cluster up   [--dir DIR] [--node]  start everything; leaves it running, prints how to reach it
+    privatefm-cluster env  [--dir DIR]           print shell exports for KUBECONFIG, PATH and the S3 settings
+    privatefm-cluster down [--dir DIR]           stop every process the cluster started; with a node, also
+                                                 remove its mounts, bridge, iptables chains and paths, and
+                                                 fail if anything is left
+
+--node adds a real node (containerd, runc, kubelet, kube-scheduler, a bridge CNI network) that runs
+the project's own images, built from its Dockerfiles (privatefm_testing.node, .images). It needs
+root and Debian's containerd, runc, containernetworking-plugins, iptables, buildah and mmdebstrap.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import shutil
 import sys
 from pathlib import Path
 
-from privatefm_testing.cluster import BIN, ClusterState, LocalCluster, stop_pids
+from privatefm_testing.cluster import BIN, ClusterState, LocalCluster
 
 DEFAULT_DIR = Path(".run/cluster")
 
@@ -34,24 +41,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["up", "env", "down"])
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="state directory (default %(default)s)")
     parser.add_argument("--fresh", action="store_true", help="up: wipe the state directory first")
+    parser.add_argument("--node", action="store_true", help="up: also start a real node running the project's images")
     args = parser.parse_args(argv)
     directory: Path = args.dir.resolve()
 
     if args.command == "up":
         if (directory / "cluster.json").exists():
-            stop_pids(list(ClusterState.load(directory).pids.values()))
+            LocalCluster(directory).stop()
         if args.fresh and directory.exists():
             shutil.rmtree(directory)
-        state = LocalCluster(directory).start()
+        logging.basicConfig(level=logging.INFO, format="[privatefm-cluster] %(message)s")
+        state = LocalCluster(directory, node=args.node).start()
         print(f"control plane: {state.server}  (kubeconfig {state.kubeconfig})", file=sys.stderr)
         print(f"S3 server:     {state.s3.endpoint}  bucket {state.s3.bucket}", file=sys.stderr)
+        if state.node:
+            print(f"node:          {state.node['name']} (pods on {state.node['gateway']}/24), images "
+                  + " ".join(state.node["images"].values()), file=sys.stderr)
         print(f"stop with:     privatefm-cluster down --dir {directory}", file=sys.stderr)
         print(exports(state))
     elif args.command == "env":
         print(exports(ClusterState.load(directory)))
-    else:
-        if (directory / "cluster.json").exists():
-            LocalCluster(directory).stop()
+    elif (directory / "cluster.json").exists() or (directory / "node" / "host-before.json").exists():
+        left = LocalCluster(directory).stop()
+        if left:
+            print("left behind:\n  " + "\n  ".join(left), file=sys.stderr)
+            return 1
     return 0
 
 

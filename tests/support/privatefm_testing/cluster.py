@@ -42,12 +42,22 @@ CONTROLLERS = (
     "ttl-after-finished-controller",
     "root-ca-certificate-publisher-controller",
 )
+# What a real node needs besides the kubelet and the scheduler (``privatefm_testing.node``).
+NODE_CONTROLLERS = (
+    "node-lifecycle-controller",
+    "deployment-controller",
+    "replicaset-controller",
+    "endpoints-controller",
+    "endpointslice-controller",
+    "pod-garbage-collector-controller",
+)
 ADMIN_USER = "privatefm-admin"
 
 
 def ensure_tools() -> Path:
     """Builds whatever component is missing (cached under ~/.cache) and returns the bin dir."""
-    wanted = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm", "minio")
+    wanted = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm", "minio", "kubelet",
+              "kube-scheduler")
     if not all((BIN / name).exists() for name in wanted):
         subprocess.run(["bash", str(REPO_ROOT / "scripts" / "build-tools.sh")], check=True)
     return BIN
@@ -169,6 +179,7 @@ class ClusterState:
     kubeconfig: str
     s3: S3Info
     pids: dict[str, int] = field(default_factory=dict)
+    node: dict[str, Any] | None = None  # name, gateway, images (privatefm_testing.node), when one runs
 
     @classmethod
     def load(cls, directory: Path) -> ClusterState:
@@ -181,12 +192,19 @@ class ClusterState:
 
 
 class LocalCluster:
-    """etcd + kube-apiserver + kube-controller-manager + MinIO on 127.0.0.1."""
+    """etcd + kube-apiserver + kube-controller-manager + MinIO on 127.0.0.1; with ``node=True``, also
+    a real node (containerd, kubelet, kube-scheduler: ``privatefm_testing.node``) running the
+    project's own images, and the API server and MinIO listen on the node's bridge gateway."""
 
-    def __init__(self, directory: Path, bucket: str = "privatefm", kubernetes: bool = True) -> None:
+    def __init__(self, directory: Path, bucket: str = "privatefm", kubernetes: bool = True,
+                 node: bool = False) -> None:
         """``kubernetes=False`` starts only the S3 server (for a kind cluster, which brings its own)."""
+        from privatefm_testing.node import GATEWAY, Node
+
         self.kubernetes = kubernetes
         self.dir = directory.resolve()
+        self.node = Node(self.dir / "node", BIN, CACHE / "containerd") if node and kubernetes else None
+        self.host = GATEWAY if self.node else "127.0.0.1"
         self.bucket = bucket
         self.bin = BIN
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -197,13 +215,19 @@ class LocalCluster:
         ensure_tools()
         for sub in ("etcd", "pki", "logs"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        token = secrets.token_hex(16)
-        (self.dir / "pki" / "tokens.csv").write_text(f'{token},{ADMIN_USER},admin-uid,"system:masters"\n')
+        token, node_token = secrets.token_hex(16), secrets.token_hex(16)
+        tokens = f'{token},{ADMIN_USER},admin-uid,"system:masters"\n'
+        if self.node:
+            tokens += f'{node_token},system:node:{self.node_name},node-uid,"system:nodes"\n'
+            kubelet_client_certs(self.dir / "pki")
+        (self.dir / "pki" / "tokens.csv").write_text(tokens)
         sa_key = self.dir / "pki" / "sa.key"
         if not sa_key.exists():
             subprocess.run(["openssl", "genrsa", "-out", str(sa_key), "2048"], check=True, capture_output=True)
         try:
             server, kubeconfig = "", Path()
+            if self.node:
+                self.node.prepare()
             if self.kubernetes:
                 self._start_etcd()
                 server = self._start_apiserver(sa_key, timeout)
@@ -215,6 +239,8 @@ class LocalCluster:
                                       kubeconfig=str(kubeconfig), s3=s3, pids={})
             if self.kubernetes:
                 self._start_controller_manager(kubeconfig, sa_key, timeout)
+            if self.node:
+                self._start_node(server, node_token, kubeconfig, timeout)
             self.state.pids = {name: p.pid for name, p in self._procs.items()}
             self.state.save()
         except BaseException:
@@ -222,11 +248,19 @@ class LocalCluster:
             raise
         return self.state
 
-    def stop(self, grace: float = 10.0) -> None:
-        """Stops every process this cluster started (reverse start order), then reaps them."""
+    def stop(self, grace: float = 10.0) -> list[str]:
+        """Stops every process this cluster started (reverse start order), then reaps them. With a
+        node, puts the machine back as it was and returns whatever could not be removed."""
         pids = {name: p.pid for name, p in self._procs.items()}
         if not pids and (self.dir / "cluster.json").exists():
             pids = ClusterState.load(self.dir).pids
+        left: list[str] = []
+        if self.node is not None or (self.dir / "node" / "host-before.json").exists():
+            from privatefm_testing.node import Node
+
+            node = self.node or Node(self.dir / "node", BIN, CACHE / "containerd")
+            left = node.stop(pids, stop_pids)
+            pids = {k: v for k, v in pids.items() if k not in ("kubelet", "kube-scheduler", "containerd")}
         stop_pids(list(reversed(list(pids.values()))), grace)
         for proc in self._procs.values():
             with contextlib.suppress(Exception):
@@ -234,6 +268,33 @@ class LocalCluster:
         self._procs.clear()
         with contextlib.suppress(FileNotFoundError):
             (self.dir / "cluster.json").unlink()
+        if self.node is not None or (self.dir / "node" / "host-before.json").exists():
+            from privatefm_testing.node import HostSnapshot, residue
+
+            snapshot = self.dir / "node" / "host-before.json"
+            left = residue(HostSnapshot.load(snapshot), self.dir / "node", list(pids.values()))
+            if not left:
+                snapshot.unlink()
+        return left
+
+    @property
+    def node_name(self) -> str:
+        return socket.gethostname()
+
+    def _start_node(self, server: str, node_token: str, kubeconfig: Path, timeout: float) -> None:
+        from privatefm_testing.images import ensure_images
+        from privatefm_testing.node import GATEWAY, NodeConfig
+
+        assert self.node is not None and self.state is not None
+        pki = self.dir / "pki"
+        self.node.start(NodeConfig(server=server, admin_kubeconfig=kubeconfig, node_token=node_token,
+                                   kubelet_ca=pki / "kubelet-ca.crt", apiserver_ca=pki / "apiserver" / "apiserver.crt",
+                                   name=self.node_name), self._spawn, timeout)
+        images = ensure_images(self.node)
+        self.node.wait_ready(lambda *a: subprocess.run(
+            [str(self.bin / "kubectl"), "--kubeconfig", str(kubeconfig), *a],
+            check=True, capture_output=True, text=True).stdout, timeout)
+        self.state.node = {"name": self.node_name, "gateway": GATEWAY, "images": images}
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -274,10 +335,10 @@ class LocalCluster:
         self._spawn("kube-apiserver", [
             self.bin / "kube-apiserver",
             "--etcd-servers", self.etcd_url,
-            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+            "--bind-address", self.host, "--advertise-address", self.host,
             "--secure-port", str(port),
             "--cert-dir", self.dir / "pki" / "apiserver",
-            "--authorization-mode", "RBAC",
+            *(self._node_apiserver_flags() if self.node else ["--authorization-mode", "RBAC"]),
             "--token-auth-file", self.dir / "pki" / "tokens.csv",
             "--service-cluster-ip-range", "10.96.0.0/16",
             "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
@@ -288,7 +349,16 @@ class LocalCluster:
             "--storage-media-type", "application/json",
             "--v", "1",
         ])
-        return f"https://127.0.0.1:{port}"
+        return f"https://{self.host}:{port}"
+
+    def _node_apiserver_flags(self) -> list[str | Path]:
+        """The Node authorizer and NodeRestriction confine the kubelet's token to its own node; the
+        API server reaches the kubelet's API at its InternalIP with a client certificate."""
+        pki = self.dir / "pki"
+        return ["--authorization-mode", "Node,RBAC", "--enable-admission-plugins", "NodeRestriction",
+                "--kubelet-client-certificate", pki / "apiserver-kubelet-client.crt",
+                "--kubelet-client-key", pki / "apiserver-kubelet-client.key",
+                "--kubelet-preferred-address-types", "InternalIP"]
 
     def _wait_apiserver(self, server: str, token: str, timeout: float) -> None:
         ctx = ssl.create_default_context()
@@ -312,7 +382,7 @@ class LocalCluster:
             "--authentication-kubeconfig", kubeconfig,
             "--authorization-kubeconfig", kubeconfig,
             "--leader-elect=false",
-            "--controllers", ",".join(CONTROLLERS),
+            "--controllers", ",".join(CONTROLLERS + (NODE_CONTROLLERS if self.node else ())),
             "--bind-address", "127.0.0.1", "--secure-port", str(port),
             "--service-account-private-key-file", sa_key,
             "--root-ca-file", self.dir / "pki" / "apiserver" / "apiserver.crt",
@@ -333,7 +403,7 @@ class LocalCluster:
 
         from privatefm_testing.minio import MinioServer
 
-        server = MinioServer(self.dir / "s3", self.bucket, log=self.dir / "logs" / "minio.log")
+        server = MinioServer(self.dir / "s3", self.bucket, log=self.dir / "logs" / "minio.log", host=self.host)
         root = server.start(timeout)
         assert server.proc is not None
         self._procs["minio"] = server.proc
@@ -375,9 +445,26 @@ def stop_pids(pids: Sequence[int], grace: float = 10.0) -> None:
                 os.killpg(pid, signal.SIGKILL)
 
 
+def kubelet_client_certs(pki: Path) -> None:
+    """A CA for the kubelet's API and the API server's client certificate from it."""
+    if (pki / "apiserver-kubelet-client.crt").exists():
+        return
+    ca, client = pki / "kubelet-ca", pki / "apiserver-kubelet-client"
+    for args in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-subj", "/CN=privatefm-kubelet-ca",
+         "-keyout", f"{ca}.key", "-out", f"{ca}.crt"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/O=system:masters/CN=kube-apiserver-kubelet-client",
+         "-keyout", f"{client}.key", "-out", f"{client}.csr"],
+        ["x509", "-req", "-in", f"{client}.csr", "-days", "30", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
+         "-CAcreateserial", "-out", f"{client}.crt"],
+    ):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
 def kubeconfig_yaml(server: str, token: str, ca_file: str | None, user: str | None = None,
-                    groups: Sequence[str] = ()) -> str:
-    """An admin kubeconfig; with ``user`` it impersonates that user (and groups)."""
+                    groups: Sequence[str] = (), name: str | None = None) -> str:
+    """An admin kubeconfig; with ``user`` it impersonates that user (and groups). ``name`` names the
+    user entry of a kubeconfig that does not impersonate (the kubelet's)."""
     cluster = {"server": server}
     if ca_file:
         cluster["certificate-authority"] = ca_file
@@ -391,8 +478,8 @@ def kubeconfig_yaml(server: str, token: str, ca_file: str | None, user: str | No
     config = {
         "apiVersion": "v1", "kind": "Config", "current-context": "privatefm",
         "clusters": [{"name": "privatefm", "cluster": cluster}],
-        "users": [{"name": user or ADMIN_USER, "user": auth}],
-        "contexts": [{"name": "privatefm", "context": {"cluster": "privatefm", "user": user or ADMIN_USER}}],
+        "users": [{"name": user or name or ADMIN_USER, "user": auth}],
+        "contexts": [{"name": "privatefm", "context": {"cluster": "privatefm", "user": user or name or ADMIN_USER}}],
     }
     return json.dumps(config, indent=2)  # JSON is valid YAML
 

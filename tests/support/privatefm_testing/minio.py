@@ -33,10 +33,13 @@ def ensure_minio() -> Path:
 
 
 class MinioServer:
-    """``minio server`` on 127.0.0.1 with one bucket; add users with attached policies."""
+    """``minio server`` on ``host`` (127.0.0.1, or a node's bridge gateway so that pods reach it) with
+    one bucket; add users with attached policies."""
 
-    def __init__(self, directory: Path, bucket: str = "privatefm", log: Path | None = None) -> None:
+    def __init__(self, directory: Path, bucket: str = "privatefm", log: Path | None = None,
+                 host: str = "127.0.0.1") -> None:
         self.dir = directory
+        self.host = host
         self.bucket = bucket
         self.endpoint = ""
         self._root_user, self._root_password = "minio-root-" + secrets.token_hex(4), secrets.token_hex(16)
@@ -63,11 +66,11 @@ class MinioServer:
                "MINIO_BROWSER": "off", "MINIO_UPDATE": "off", "MINIO_REGION": REGION, "HOME": str(self.dir)}
         with open(self._log, "ab") as log:
             self.proc = subprocess.Popen(
-                [str(binary), "server", str(self.dir / "data"), "--address", f"127.0.0.1:{port}",
-                 "--console-address", f"127.0.0.1:{console}", "--quiet"],
+                [str(binary), "server", str(self.dir / "data"), "--address", f"{self.host}:{port}",
+                 "--console-address", f"{self.host}:{console}", "--quiet"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True, cwd=self.dir)
-        self.endpoint = f"http://127.0.0.1:{port}"
+        self.endpoint = f"http://{self.host}:{port}"
         try:
             self._wait_ready(timeout)
             self.root.client().create_bucket(Bucket=self.bucket)

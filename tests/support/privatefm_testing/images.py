@@ -1,0 +1,182 @@
+"""The project's images, built from its own Dockerfiles without a registry or a Docker engine, and
+imported into the node's containerd.
+
+- **Base.** A Debian bookworm root filesystem with python3, made by ``mmdebstrap`` from the
+  machine's own apt sources (about 20 s), committed by buildah as ``BASE``. The Dockerfiles take it
+  as ``--build-arg PYTHON_IMAGE``; their default stays the public Python image.
+- **Images.** ``buildah bud --isolation chroot --pull-never`` builds ``Dockerfile.operator`` and
+  ``Dockerfile.merge``. pip installs from the wheelhouse ``scripts/setup.sh`` fills
+  (``~/.cache/privatefm/wheels``, mounted read-only at /wheels), so torch is downloaded once for
+  the venv and the image. The sandbox ("pause") image is the base running ``sleep infinity``.
+- **Cache.** Each image is tagged with a hash of everything that goes into it (its Dockerfile, the
+  files it copies, the base); an image containerd already holds under that tag is not rebuilt.
+  buildah's storage and containerd's root live under ``~/.cache/privatefm``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from privatefm_testing.cluster import CACHE, REPO_ROOT
+
+if TYPE_CHECKING:
+    from privatefm_testing.node import Node
+
+log = logging.getLogger("privatefm.images")
+
+IMAGES = CACHE / "images"
+WHEELHOUSE = Path(os.environ.get("PRIVATEFM_WHEELHOUSE", CACHE / "wheels"))
+SUITE = "bookworm"
+BASE_PACKAGES = ("python3", "python3-venv", "python-is-python3", "ca-certificates")
+REPO = "localhost/privatefm"
+# What the Dockerfiles COPY (kept in step with them; tests/test_packaging.py checks the COPY lines).
+BUILD_INPUTS = ("pyproject.toml", "requirements.lock", "README.md", "operator", "merge_image")
+
+
+def buildah(*args: str | Path, capture: bool = True) -> str:
+    cmd = ["buildah", "--root", str(IMAGES / "buildah" / "root"), "--runroot", str(IMAGES / "buildah" / "run"),
+           "--storage-driver", "overlay", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=capture, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[7:9])} failed ({proc.returncode}):\n{(proc.stderr or '')[-4000:]}")
+    return (proc.stdout or "").strip()
+
+
+def apt_sources() -> Path:
+    """The machine's own Debian sources, which mmdebstrap reads as its mirror list."""
+    for candidate in (Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list")):
+        if candidate.exists() and candidate.read_text().strip():
+            return candidate
+    raise RuntimeError("no Debian apt sources found (/etc/apt/sources.list.d/debian.sources)")
+
+
+def tree_hash(paths: tuple[str, ...], *extra: str) -> str:
+    digest = hashlib.sha256()
+    for item in extra:
+        digest.update(item.encode() + b"\0")
+    for name in paths:
+        root = REPO_ROOT / name
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for f in files:
+            rel = f.relative_to(REPO_ROOT)
+            if "__pycache__" in rel.parts or rel.suffix == ".pyc" or any(p.endswith(".egg-info") for p in rel.parts):
+                continue
+            digest.update(str(rel).encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def base_reference() -> str:
+    key = hashlib.sha256(f"{SUITE} {' '.join(BASE_PACKAGES)} {apt_sources().read_text()}".encode()).hexdigest()[:16]
+    return f"{REPO}/debian-python:{SUITE}-{key}"
+
+
+def built() -> set[str]:
+    return set(buildah("images", "--format", "{{.Name}}:{{.Tag}}").split())
+
+
+def ensure_base(ref: str) -> None:
+    """The Debian base image in buildah's storage."""
+    if ref in built():
+        return
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    rootfs = IMAGES / "base-rootfs.tar"
+    log.info("mmdebstrap %s with %s", SUITE, ", ".join(BASE_PACKAGES))
+    subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
+                    SUITE, str(rootfs), str(apt_sources())], check=True)
+    container = buildah("from", "scratch")
+    try:
+        buildah("add", container, rootfs, "/")
+        buildah("config", "--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "--env", "LANG=C.UTF-8", "--cmd", '["python3"]', container)
+        buildah("commit", "--quiet", container, ref)
+    finally:
+        buildah("rm", container)
+        rootfs.unlink(missing_ok=True)
+
+
+def build_dockerfile(dockerfile: str, base: str, ref: str) -> None:
+    """Builds a Dockerfile from the repo on ``base`` as ``ref``."""
+    if not any(WHEELHOUSE.glob("*.whl")):
+        raise RuntimeError(f"no wheels in {WHEELHOUSE}: scripts/setup.sh fills it")
+    log.info("buildah bud %s -> %s", dockerfile, ref)
+    started = time.monotonic()
+    buildah("bud", "--isolation", "chroot", "--pull-never", "--layers=false", "--quiet", "-f", REPO_ROOT / dockerfile,
+            "--build-arg", f"PYTHON_IMAGE={base}", "--build-arg", "PIP_NO_INDEX=1",
+            "--build-arg", "PIP_FIND_LINKS=/wheels", "--volume", f"{WHEELHOUSE}:/wheels:ro", "-t", ref, REPO_ROOT)
+    log.info("built %s in %.0fs", ref, time.monotonic() - started)
+
+
+def build_pause(base: str, ref: str) -> None:
+    """The pod sandbox image: the base, sleeping. containerd's config names it (``SANDBOX_IMAGE``)."""
+    container = buildah("from", "--pull-never", base)
+    try:
+        buildah("config", "--entrypoint", '["/bin/sleep", "infinity"]', "--cmd", "[]", "--user", "65535:65535",
+                container)
+        buildah("commit", "--quiet", container, ref)
+    finally:
+        buildah("rm", container)
+
+
+def import_into(node: Node, ref: str) -> None:
+    """Copies an image from buildah's storage into the node's containerd (uncompressed: both sit on
+    this disk, and compressing the merge image's gigabytes would cost minutes)."""
+    archive = IMAGES / "transfer.tar"
+    try:
+        buildah("push", "--quiet", "--disable-compression", ref, f"oci-archive:{archive}:{ref}")
+        node.ctr("images", "import", archive)
+    finally:
+        archive.unlink(missing_ok=True)
+
+
+def wanted() -> dict[str, str]:
+    """The reference of each image: a hash of its Dockerfile, what it copies, and the base."""
+    from privatefm_testing.node import SANDBOX_IMAGE
+
+    base = base_reference()
+    return {"base": base, "pause": SANDBOX_IMAGE,
+            "operator": f"{REPO}/operator:{tree_hash(('Dockerfile.operator', '.dockerignore', *BUILD_INPUTS), base)}",
+            "merge": f"{REPO}/merge:{tree_hash(('Dockerfile.merge', '.dockerignore', *BUILD_INPUTS), base)}"}
+
+
+def ensure_images(node: Node) -> dict[str, str]:
+    """Makes sure the node's containerd holds the pause, operator and merge images, building and
+    importing whichever it lacks; returns their references."""
+    if not shutil.which("buildah") or not shutil.which("mmdebstrap"):
+        raise RuntimeError("building images needs Debian's buildah and mmdebstrap; scripts/setup.sh installs them")
+    refs = wanted()
+    base = refs.pop("base")
+    have = set(node.ctr("images", "ls", "-q").stdout.split())
+    for name, ref in refs.items():
+        if ref in have:
+            continue
+        ensure_base(base)
+        if name == "pause":
+            build_pause(base, ref)
+        else:
+            build_dockerfile(f"Dockerfile.{name}", base, ref)
+        import_into(node, ref)
+        # containerd holds it now; buildah's copy of an application image only takes disk.
+        if name != "pause":
+            buildah("rmi", ref)
+    prune(node, set(refs.values()))
+    return refs
+
+
+def prune(node: Node, keep: set[str]) -> None:
+    """Removes this project's older images from containerd (a merge image is gigabytes); containerd
+    then collects their content and snapshots. Digest-named entries are the same images by digest."""
+    listing = node.ctr("images", "ls").stdout.splitlines()[1:]
+    keep_digests = {line.split()[2] for line in listing if line.split()[0] in keep}
+    for line in listing:
+        name, digest = line.split()[0], line.split()[2]
+        stale = name.startswith(f"{REPO}/") and name not in keep
+        stale_alias = name.startswith("sha256:") and digest not in keep_digests
+        if stale or stale_alias:
+            node.ctr("images", "rm", name, check=False)
