@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Sets up everything the tests and the demo need on a fresh Debian machine:
-#   apt packages (etcd-server, openssl), the pinned Go builds (scripts/build-tools.sh,
-#   cached under ~/.cache/privatefm) and the Python environment (.venv, from requirements.lock):
-#   the product editable with its merge, test and dev extras, and the test harness
-#   (tests/support, package privatefm-testing), which only this test setup installs.
+#   apt packages (etcd-server, openssl; for the real node: containerd, runc,
+#   containernetworking-plugins, iptables, buildah, mmdebstrap), the pinned Go builds
+#   (scripts/build-tools.sh, cached under ~/.cache/privatefm), the wheelhouse
+#   (~/.cache/privatefm/wheels: every wheel requirements.lock pins, downloaded once and used by both
+#   the venv and the image builds) and the Python environment (.venv, from requirements.lock): the
+#   product editable with its merge, test and dev extras, and the test harness (tests/support,
+#   package privatefm-testing), which only this test setup installs.
 # Safe to run again: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -14,6 +17,10 @@ need_apt=()
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 python3 -c "import venv, ensurepip" 2>/dev/null || need_apt+=(python3-venv)
+# The node (privatefm_testing.node) and its image builds (privatefm_testing.images).
+for pkg in containerd runc containernetworking-plugins iptables buildah mmdebstrap; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need_apt+=("$pkg")
+done
 if ((${#need_apt[@]})); then
   log "apt-get install ${need_apt[*]}"
   apt-get update -qq
@@ -25,13 +32,23 @@ fi
 command -v go >/dev/null || { log "Go is required (go 1.24 or newer)"; exit 1; }
 bash scripts/build-tools.sh >/dev/null
 
+wheels="${PRIVATEFM_CACHE:-$HOME/.cache/privatefm}/wheels"
+lock_hash="$(sha256sum requirements.lock | cut -d' ' -f1)"
+if [[ "$(cat "$wheels/.lock-sha256" 2>/dev/null)" != "$lock_hash" ]]; then
+  log "downloading the pinned wheels into $wheels"
+  mkdir -p "$wheels"
+  python3 -m pip download -q --disable-pip-version-check --progress-bar off --no-deps -d "$wheels" \
+    -r requirements.lock
+  echo "$lock_hash" > "$wheels/.lock-sha256"
+fi
+
 stamp=".venv/.privatefm-stamp"
 want="$(cat requirements.lock pyproject.toml tests/support/pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   log "creating the Python environment (.venv)"
   [[ -x .venv/bin/python ]] || python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check --progress-bar off -c requirements.lock \
-    -e ".[merge,test,dev]" -e tests/support
+  .venv/bin/pip install -q --disable-pip-version-check --progress-bar off --no-index --find-links "$wheels" \
+    -c requirements.lock -e ".[merge,test,dev]" -e tests/support
   echo "$want" > "$stamp"
 fi
 log "ready: tools in ${PRIVATEFM_CACHE:-$HOME/.cache/privatefm}/bin, Python in .venv"

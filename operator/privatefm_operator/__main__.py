@@ -21,7 +21,7 @@ def main() -> int:
         # uid 65532 has no entry there (getpwuid fails and the operator would crash at start).
         asyncio.run(kopf.operator(clusterwide=True, standalone=True, stop_flag=handlers.RESTART,
                                   liveness_endpoint=handlers.LIVENESS_URL,
-                                  identity=kopf.Identity(socket.gethostname())))
+                                  identity=socket.gethostname()))  # type: ignore[arg-type]  # kopf's NewType
         if not handlers.RESTART.is_set():  # stopped by a signal
             return 0
 

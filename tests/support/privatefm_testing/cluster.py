@@ -239,10 +239,12 @@ class LocalCluster:
                                       kubeconfig=str(kubeconfig), s3=s3, pids={})
             if self.kubernetes:
                 self._start_controller_manager(kubeconfig, sa_key, timeout)
+            self.state.pids = {name: p.pid for name, p in self._procs.items()}
+            self.state.save()  # already, so that `privatefm-cluster down` finds it if the node fails
             if self.node:
                 self._start_node(server, node_token, kubeconfig, timeout)
-            self.state.pids = {name: p.pid for name, p in self._procs.items()}
-            self.state.save()
+                self.state.pids = {name: p.pid for name, p in self._procs.items()}
+                self.state.save()
         except BaseException:
             self.stop()
             raise
@@ -443,6 +445,9 @@ def stop_pids(pids: Sequence[int], grace: float = 10.0) -> None:
         if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5  # SIGKILL is not instant either
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
+        time.sleep(0.05)
 
 
 def kubelet_client_certs(pki: Path) -> None:

@@ -416,4 +416,7 @@ def kubelet_config(sock: Path, client_ca: Path, pod_logs: Path, port: int, healt
         "serializeImagePulls": False,
         "nodeStatusUpdateFrequency": "2s", "syncFrequency": "5s",
         "fileCheckFrequency": "5s", "resolvConf": "/etc/resolv.conf",
+        # No DNS server runs; pods reach the API server and the store by address. Naming one keeps
+        # the kubelet from warning about every pod (MissingClusterDNS); lookups fail fast.
+        "clusterDNS": [GATEWAY], "clusterDomain": "cluster.local",
     }
