@@ -19,6 +19,7 @@ import pytest
 from privatefm_testing import seed
 from privatefm_testing.cluster import LocalCluster, S3Info, pid_alive
 from privatefm_testing.kube import Kube, token_kubeconfig
+from privatefm_testing.nodehooks import NodeHookRunner
 from privatefm_testing.operator_proc import OperatorProcess
 from privatefm_testing.podrunner import Hooks, PodRunner
 
@@ -31,6 +32,14 @@ GUARDIAN_GROUP = "school-admins"
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--cluster", choices=["local", "kind"], default="local",
                      help="where the Kubernetes tests run: a local control plane (default) or kind")
+    parser.addoption("--pods", choices=["process", "node"], default="process",
+                     help="who runs the merge pods of the session's operator: the pod runner, as local "
+                          "processes (default, the quick lane), or a real node (containerd, runc, kubelet) "
+                          "in the merge image built from Dockerfile.merge")
+
+
+def node_lane(config: pytest.Config) -> bool:
+    return bool(config.getoption("--pods") == "node")
 
 
 def _docker_engine_reason() -> str | None:
@@ -46,7 +55,7 @@ def _docker_engine_reason() -> str | None:
 def local_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     if request.config.getoption("--cluster") != "local":
         pytest.skip("this test needs the local control plane (--cluster=local)")
-    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"), node=node_lane(request.config))
     cluster.start()
     try:
         yield cluster
@@ -151,19 +160,36 @@ def hooks() -> Hooks:
 
 
 @pytest.fixture(scope="session")
-def podrunner(kube: Kube, hooks: Hooks, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodRunner]:
-    runner = PodRunner(kube.api_client(), tmp_path_factory.mktemp("pods"), after_exit=hooks).start()
+def podrunner(request: pytest.FixtureRequest, kube: Kube, hooks: Hooks,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodRunner | NodeHookRunner]:
+    """Quick lane: the pod runner runs merge pods as local processes. Node lane: the kubelet runs
+    them, and the hooks run while the operator is frozen (privatefm_testing.nodehooks)."""
+    runner: PodRunner | NodeHookRunner
+    if node_lane(request.config):
+        runner = NodeHookRunner(kube.api_client(), hooks).start()
+    else:
+        runner = PodRunner(kube.api_client(), tmp_path_factory.mktemp("pods"), after_exit=hooks).start()
     yield runner
     runner.stop()
 
 
 @pytest.fixture(scope="session")
-def operator(kube: Kube, s3: S3Info, operator_kubeconfig: Path, base_model: str, podrunner: PodRunner,
+def operator(request: pytest.FixtureRequest, kube: Kube, s3: S3Info, operator_kubeconfig: Path, base_model: str,
+             podrunner: PodRunner | NodeHookRunner,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    lane: dict[str, str] = {"merge_image": "privatefm/merge:test"}
+    if node_lane(request.config):
+        cluster: LocalCluster = request.getfixturevalue("local_cluster")
+        assert cluster.state is not None and cluster.state.node is not None
+        # The real merge image, never pulled; small pods, since this machine has two cores.
+        lane = {"merge_image": cluster.state.node["images"]["merge"], "merge_image_pull_policy": "Never",
+                "merge_cpu": "250m", "merge_memory": "2Gi"}
     proc = OperatorProcess(operator_kubeconfig, s3, tmp_path_factory.mktemp("operator") / "operator.log",
-                           merge_gpus="0", resync_seconds="2", merge_image="privatefm/merge:test",
-                           store_timeout_seconds="1", store_grace_seconds="8", integrity_check_seconds="10",
-                           fallback_backoff_seconds="5", merge_pending_timeout_seconds="8")
+                           merge_gpus="0", resync_seconds="2", store_timeout_seconds="1", store_grace_seconds="8",
+                           integrity_check_seconds="10", fallback_backoff_seconds="5",
+                           merge_pending_timeout_seconds="8", **lane)
+    if isinstance(podrunner, NodeHookRunner):
+        podrunner.operator_pid = lambda: proc.proc.pid if proc.proc and proc.proc.poll() is None else None
     proc.start()
     yield proc
     proc.stop()
