@@ -51,14 +51,38 @@ status = dict(line.split(":\\t", 1) for line in open("/proc/self/status").read()
 facts["cap_eff"] = status["CapEff"].strip()
 facts["seccomp"] = status["Seccomp"].strip()
 facts["no_new_privs"] = status["NoNewPrivs"].strip()
-import torch
-facts["torch"] = torch.__version__
+import importlib.util
+facts["modules"] = {m: importlib.util.find_spec(m) is not None for m in
+                    ("torch", "kopf", "kubernetes", "peft", "transformers", "privatefm_merge", "privatefm_operator",
+                     "privatefm_testing")}
+if facts["modules"]["torch"]:
+    import torch
+    facts["torch"] = torch.__version__
 print("probe", json.dumps(facts), flush=True)
 open("/dev/termination-log", "w").write(json.dumps(facts))
 """
 
 
-def test_node_runs_a_restricted_merge_image_pod_and_down_leaves_nothing(tmp_path: Path) -> None:
+def run_probe(kube: Kube, name: str, image: str) -> dict[str, Any]:
+    """Runs PROBE in ``image`` as a restricted pod (admitted by PodSecurity "restricted") and returns
+    what it found, from the termination message the real kubelet reported."""
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "probe"},
+           "spec": {"restartPolicy": "Never", "automountServiceAccountToken": False,
+                    "securityContext": {"runAsUser": 65532, "runAsGroup": 65532},
+                    "containers": [{"name": "probe", "image": image, "imagePullPolicy": "Never",
+                                    "command": ["python", "-c", PROBE], "securityContext": RESTRICTED,
+                                    "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]}],
+                    "volumes": [{"name": "tmp", "emptyDir": {}}]}}
+    kube.kubectl("apply", "-f", "-", input=json.dumps(pod))
+    done = wait_for(lambda: (p := get(kube, "pod", name, "-n", "probe"))
+                    and p["status"].get("phase") in ("Succeeded", "Failed") and p, 120, f"the {name} probe to finish")
+    (container,) = done["status"]["containerStatuses"]
+    terminated = container["state"]["terminated"]
+    assert done["status"]["phase"] == "Succeeded", terminated
+    return dict(json.loads(terminated["message"]))
+
+
+def test_node_runs_restricted_pods_of_both_images_and_down_leaves_nothing(tmp_path: Path) -> None:
     before = HostSnapshot.take()
     cluster = LocalCluster(tmp_path / "cluster", node=True)
     state = cluster.start()
@@ -67,27 +91,22 @@ def test_node_runs_a_restricted_merge_image_pod_and_down_leaves_nothing(tmp_path
         kube = Kube(kubeconfig=Path(state.kubeconfig), workdir=tmp_path)
         kube.kubectl("create", "namespace", "probe")
         kube.kubectl("label", "namespace", "probe", "pod-security.kubernetes.io/enforce=restricted")
-        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "probe", "namespace": "probe"},
-               "spec": {"restartPolicy": "Never", "automountServiceAccountToken": False,
-                        "securityContext": {"runAsUser": 65532, "runAsGroup": 65532},
-                        "containers": [{"name": "probe", "image": state.node["images"]["merge"],
-                                        "imagePullPolicy": "Never", "command": ["python", "-c", PROBE],
-                                        "securityContext": RESTRICTED,
-                                        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]}],
-                        "volumes": [{"name": "tmp", "emptyDir": {}}]}}
-        kube.kubectl("apply", "-f", "-", input=json.dumps(pod))  # admitted by PodSecurity "restricted"
-        done = wait_for(lambda: (p := get(kube, "pod", "probe", "-n", "probe"))
-                        and p["status"].get("phase") in ("Succeeded", "Failed") and p, 120, "the probe pod to finish")
-        (container,) = done["status"]["containerStatuses"]
-        terminated = container["state"]["terminated"]
-        assert done["status"]["phase"] == "Succeeded", terminated
-        facts = json.loads(terminated["message"])  # written by the real kubelet from /dev/termination-log
-        assert (facts["uid"], facts["gid"]) == (65532, 65532)
-        assert facts["root_writable"] is False and facts["root_error"] == "Read-only file system"
-        assert int(facts["cap_eff"], 16) == 0
-        assert facts["seccomp"] == "2" and facts["no_new_privs"] == "1"  # seccomp filter mode
-        assert facts["torch"].startswith("2.")
-        logs = kube.kubectl("logs", "-n", "probe", "probe").stdout
+        images = state.node["images"]
+        facts = {name: run_probe(kube, name, images[name]) for name in ("merge", "operator")}
+        for image, found in facts.items():
+            assert (found["uid"], found["gid"]) == (65532, 65532), image
+            assert found["root_writable"] is False and found["root_error"] == "Read-only file system", image
+            assert int(found["cap_eff"], 16) == 0, image
+            assert found["seccomp"] == "2" and found["no_new_privs"] == "1", image  # seccomp filter mode
+        # What each image holds: the engine and torch, or the operator without torch; never the harness.
+        assert facts["merge"]["modules"] == {"torch": True, "kopf": False, "kubernetes": False, "peft": False,
+                                             "transformers": False, "privatefm_merge": True,
+                                             "privatefm_operator": True, "privatefm_testing": False}
+        assert facts["merge"]["torch"].startswith("2.")
+        assert facts["operator"]["modules"] == {"torch": False, "kopf": True, "kubernetes": True, "peft": False,
+                                                "transformers": False, "privatefm_merge": True,
+                                                "privatefm_operator": True, "privatefm_testing": False}
+        logs = kube.kubectl("logs", "-n", "probe", "merge").stdout
         assert "\nprobe {" in "\n" + logs, logs
 
         # While the node runs, the residue check sees it: the check is not empty by construction.

@@ -85,13 +85,24 @@ def test_verify_job_runs_the_merge_image_on_cpu_restricted_and_tokenless() -> No
     assert container["terminationMessagePath"] == "/dev/termination-log"
     resources = container["resources"]
     assert not any("gpu" in k for part in resources.values() for k in part), resources
-    assert resources["requests"] == {"cpu": "1", "memory": "512Mi"} and resources["limits"] == {"memory": "512Mi"}
+    assert resources["requests"] == resources["limits"] == {"cpu": "1", "memory": "512Mi"}
     assert {"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"} in container["env"]
     security = container["securityContext"]
     assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
     assert security["capabilities"] == {"drop": ["ALL"]}
     assert container["envFrom"] == [{"secretRef": {"name": "privatefm-verify.verify-v12-1"}}]
     assert not any("AWS" in e["name"] for e in container["env"])  # keys only from the Secret
+
+
+def test_verify_pod_is_valid_whatever_the_merge_cpu_default_of_the_namespace() -> None:
+    """The learner's LimitRange gives containers without a CPU limit the merge's CPU as their limit; a
+    verify request above it would make every pod of the Job invalid. Each request fits its limit."""
+    for merge_cpu in ("250m", "1", "16"):
+        settings = Settings(merge_image="reg/merge:1", merge_cpu=merge_cpu)
+        job = builders.verify_job(_learner(), settings, "verify-v1-1", 1, URI, naming.verify_secret("verify-v1-1"))
+        resources = job["spec"]["template"]["spec"]["containers"][0]["resources"]
+        assert set(resources["requests"]) <= set(resources["limits"])
+        assert resources["limits"]["cpu"] == resources["requests"]["cpu"]
 
 
 def _result(**fields: Any) -> str:

@@ -291,8 +291,11 @@ def verify_job(learner: Learner, settings: Settings, name: str, version: int, ur
         "env": [{"name": "HOME", "value": "/tmp"}, {"name": "TMPDIR", "value": "/tmp"},
                 {"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"}, {"name": "CUDA_VISIBLE_DEVICES", "value": ""}],
         "envFrom": [{"secretRef": {"name": secret_name}}],
+        # No nvidia.com/gpu: the check runs on CPU. The CPU limit is explicit: without it the learner's
+        # LimitRange would give its default (the merge's CPU), and a request above that limit makes
+        # every pod of the Job invalid (found on the real node with merge CPU 250m).
         "resources": {"requests": {"cpu": VERIFY_CPU, "memory": VERIFY_MEMORY},
-                      "limits": {"memory": VERIFY_MEMORY}},  # no nvidia.com/gpu: the check runs on CPU
+                      "limits": {"cpu": VERIFY_CPU, "memory": VERIFY_MEMORY}},
         "securityContext": _container_security(),
         "terminationMessagePath": RESULT_PATH,
         "terminationMessagePolicy": "File",

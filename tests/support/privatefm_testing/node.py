@@ -302,14 +302,15 @@ class Node:
 
     def _remove_containers(self) -> None:
         """Kills every task and deletes every container in containerd (pods and their sandboxes)."""
-        listing = self.ctr("containers", "ls", "-q", check=False, timeout=30).stdout.split()
-        for cid in listing:
+        containers = self.ctr("containers", "ls", "-q", check=False, timeout=30).stdout.split()
+        for cid in containers:
             self.ctr("tasks", "kill", "-s", "SIGKILL", cid, check=False, timeout=30)
         deadline = time.monotonic() + 15
-        for cid in listing:
+        for cid in containers:
+            # A killed task is deleted once it has exited; a task that never started is not found.
             while self.ctr("tasks", "delete", cid, check=False, timeout=30).returncode != 0 \
-                    and "not found" not in self.ctr("tasks", "ls", check=False, timeout=30).stdout \
-                    and time.monotonic() < deadline and cid in self.ctr("tasks", "ls", "-q", check=False).stdout:
+                    and cid in self.ctr("tasks", "ls", "-q", check=False, timeout=30).stdout.split() \
+                    and time.monotonic() < deadline:
                 time.sleep(0.3)
             self.ctr("containers", "delete", cid, check=False, timeout=30)
 
