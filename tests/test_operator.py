@@ -931,14 +931,17 @@ def corrupt(s3: S3Info, prefix: str, how: str) -> str:
                                               ("manifest", "ManifestMissing"),
                                               ("flip-checksummed", "ChecksumMismatch"), ("flip", "ChecksumMismatch")])
 def test_a_damaged_checkpoint_is_detected_named_and_rebuilt_from_the_adapter_log(
-        learner: LearnerHandle, s3: S3Info, how: str, reason: str) -> None:
+        learner: LearnerHandle, s3: S3Info, operator: OperatorProcess, how: str, reason: str) -> None:
     learner.publish_adapter(2, mode="incremental")
     learner.request_merge("first")
     first = learner.wait_merge("first")["status"]
     assert first["phase"] == "Succeeded" and first["adapterSeqs"] == [1, 2]
     since = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    damaged = corrupt(s3, layout.checkpoint_prefix(learner.ns_uid, 1), how)
     check = "deep" if how == "flip" else "cheap"
+    detected_metric = f'privatefm_corruption_detected_total{{reason="{reason}",check="{check}"}}'
+    fallback_metric = 'privatefm_fallback_operations_total{reason="Corruption",result="succeeded"}'
+    before = operator.metrics()
+    damaged = corrupt(s3, layout.checkpoint_prefix(learner.ns_uid, 1), how)
     if how == "flip":  # same size, and no checksum kept by the store: only rehashing every byte shows it
         time.sleep(12)  # a cheap check (every 10 s here) passes it
         assert learner.status()["currentCheckpoint"]["version"] == 1
@@ -966,6 +969,9 @@ def test_a_damaged_checkpoint_is_detected_named_and_rebuilt_from_the_adapter_log
     assert "" < detected <= initiated < completed  # a merge lies between the last two
     degraded = learner.events("CorruptionDetected")[-1]["message"]
     assert reason in degraded and damaged in degraded and f"the {check} check" in degraded
+    after = operator.metrics()
+    assert after.get(detected_metric, 0) - before.get(detected_metric, 0) >= 1, detected_metric
+    assert after.get(fallback_metric, 0) - before.get(fallback_metric, 0) >= 1, fallback_metric
 
     # The replay is the same bytes as a fresh merge of the same log on the same base.
     learner.request_merge("fresh")

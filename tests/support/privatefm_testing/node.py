@@ -26,6 +26,7 @@ Pitfalls met on this kind of machine, and what is done about each:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -153,22 +154,32 @@ def residue(before: HostSnapshot, state_dir: Path, pids: Sequence[int] = ()) -> 
     left += [f"network namespace {n}" for n in sorted(netns_names() - set(before.netns))]
     left += [f"cgroup {c}" for c in sorted(cgroup_dirs() - set(before.cgroups))]
     left += [f"path {p}" for p, existed in before.paths.items() if not existed and os.path.lexists(p)]
+    if socket_dir(state_dir).exists():
+        left.append(f"path {socket_dir(state_dir)}")
     left += [f"sysctl {s} is {read_sysctl(s)}, was {v}" for s, v in before.sysctls.items()
              if v is not None and read_sysctl(s) != v]
     return left
 
 
+def socket_dir(state_dir: Path) -> Path:
+    """Where containerd's sockets go: a short path of its own (a unix socket's path may not pass 104
+    bytes, and a state directory under pytest's temporary root is longer), named after the state
+    directory so that another process finds it."""
+    return Path("/tmp") / f"privatefm-node-{hashlib.sha256(str(state_dir).encode()).hexdigest()[:10]}"
+
+
 def our_processes(state_dir: Path) -> list[tuple[int, str]]:
-    """Processes whose command line names the node's state directory (containerd, its shims, the
-    kubelet), found by scanning /proc: the shims leave containerd's process group on purpose."""
+    """Processes whose command line names the node's state or socket directory (containerd, its
+    shims, the kubelet), found by scanning /proc: the shims leave containerd's process group on
+    purpose."""
     mine = []
-    needle = str(state_dir).encode()
+    needles = (str(state_dir).encode(), str(socket_dir(state_dir)).encode())
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         with contextlib.suppress(OSError):
             cmdline = (entry / "cmdline").read_bytes()
-            if needle in cmdline:
+            if any(needle in cmdline for needle in needles):
                 mine.append((int(entry.name), cmdline.split(b"\0", 1)[0].decode(errors="replace")))
     return mine
 
@@ -193,7 +204,8 @@ class Node:
         self.dir = directory.resolve()
         self.bin = bin_dir
         self.containerd_root = containerd_root  # kept between runs: imported images stay
-        self.sock = self.dir / "containerd" / "containerd.sock"
+        self.sockets = socket_dir(self.dir)
+        self.sock = self.sockets / "containerd.sock"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.snapshot_file = self.dir / "host-before.json"
 
@@ -225,9 +237,10 @@ class Node:
         d = self.dir / "containerd"
         (self.dir / "cni" / "net.d").mkdir(parents=True, exist_ok=True)
         d.mkdir(parents=True, exist_ok=True)
+        self.sockets.mkdir(mode=0o700, exist_ok=True)
         self.containerd_root.mkdir(parents=True, exist_ok=True)
         (self.dir / "cni" / "net.d" / "10-privatefm.conflist").write_text(json.dumps(cni_config(self.dir), indent=2))
-        (d / "config.toml").write_text(containerd_config(self.containerd_root, d, self.dir / "cni"))
+        (d / "config.toml").write_text(containerd_config(self.containerd_root, d, self.sockets, self.dir / "cni"))
         self.procs["containerd"] = self._spawn("containerd", ["containerd", "--config", d / "config.toml"])
         deadline = time.monotonic() + timeout
         while run(["ctr", "--address", self.sock, "version"], check=False).returncode != 0:
@@ -294,6 +307,7 @@ class Node:
         for pid, _ in our_processes(self.dir):  # shims of containers that would not go
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
+        shutil.rmtree(self.sockets, ignore_errors=True)
         before = HostSnapshot.load(self.snapshot_file) if self.snapshot_file.exists() else None
         self._unmount()
         if before is not None:
@@ -372,14 +386,14 @@ def cni_config(directory: Path) -> dict[str, Any]:
     }
 
 
-def containerd_config(root: Path, d: Path, cni: Path) -> str:
+def containerd_config(root: Path, d: Path, sockets: Path, cni: Path) -> str:
     return f"""version = 2
 root = "{root}"
 state = "{d / 'state'}"
 [grpc]
-  address = "{d / 'containerd.sock'}"
+  address = "{sockets / 'containerd.sock'}"
 [ttrpc]
-  address = "{d / 'containerd.sock.ttrpc'}"
+  address = "{sockets / 'containerd.sock.ttrpc'}"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{SANDBOX_IMAGE}"
   # This machine's capability bounding set lacks CAP_SYS_RESOURCE.
