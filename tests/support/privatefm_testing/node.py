@@ -147,7 +147,7 @@ def residue(before: HostSnapshot, state_dir: Path, pids: Sequence[int] = ()) -> 
 
     left = [f"process {pid} still running" for pid in pids if pid_alive(pid)]
     left += [f"process {pid} ({name}) of ours still running" for pid, name in our_processes(state_dir)]
-    left += [f"mount {m}" for m in mounts_under([str(state_dir), *FIXED_PATHS])]
+    left += [f"mount {m}" for m in mounts_under([str(state_dir), str(socket_dir(state_dir)), *FIXED_PATHS])]
     if link_exists(BRIDGE) and not before.bridge:
         left.append(f"bridge {BRIDGE}")
     left += [f"iptables chain {c}" for c in sorted(iptables_chains() - set(before.chains))]
@@ -162,9 +162,10 @@ def residue(before: HostSnapshot, state_dir: Path, pids: Sequence[int] = ()) -> 
 
 
 def socket_dir(state_dir: Path) -> Path:
-    """Where containerd's sockets go: a short path of its own (a unix socket's path may not pass 104
-    bytes, and a state directory under pytest's temporary root is longer), named after the state
-    directory so that another process finds it."""
+    """Where the sockets go (containerd's, and the kubelet's root directory, which holds its own): a
+    short path of its own, since a unix socket's path may not pass 104 bytes and a state directory
+    under pytest's temporary root is longer. Named after the state directory, so that another
+    process finds it."""
     return Path("/tmp") / f"privatefm-node-{hashlib.sha256(str(state_dir).encode()).hexdigest()[:10]}"
 
 
@@ -275,7 +276,8 @@ class Node:
             indent=2))
         self.procs["kubelet"] = self._spawn("kubelet", [
             self.bin / "kubelet", "--config", k / "config.yaml", "--kubeconfig", kubeconfig,
-            "--root-dir", k / "root", "--hostname-override", config.name, "--node-ip", GATEWAY, "--v", "1",
+            "--root-dir", self.sockets / "kubelet", "--hostname-override", config.name, "--node-ip", GATEWAY,
+            "--v", "1",
         ])
 
     def wait_ready(self, kubectl: Callable[..., str], timeout: float = 120.0) -> None:
@@ -307,9 +309,9 @@ class Node:
         for pid, _ in our_processes(self.dir):  # shims of containers that would not go
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
-        shutil.rmtree(self.sockets, ignore_errors=True)
         before = HostSnapshot.load(self.snapshot_file) if self.snapshot_file.exists() else None
         self._unmount()
+        shutil.rmtree(self.sockets, ignore_errors=True)  # after the unmounts: the kubelet's root is there
         if before is not None:
             self._restore(before)
         return residue(before, self.dir) if before is not None else []
@@ -332,7 +334,7 @@ class Node:
         created_netns = set()
         if self.snapshot_file.exists():
             created_netns = netns_names() - set(HostSnapshot.load(self.snapshot_file).netns)
-        for point in mounts_under([str(self.dir), str(self.containerd_root), *FIXED_PATHS]):
+        for point in mounts_under([str(self.dir), str(self.sockets), str(self.containerd_root), *FIXED_PATHS]):
             if point.startswith("/run/netns/") and Path(point).name not in created_netns:
                 continue
             run(["umount", "-l", point], check=False)
