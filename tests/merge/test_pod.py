@@ -54,7 +54,8 @@ def test_pod_success(source: Path, tmp_path: Path) -> None:
     assert (doc["version"], doc["parentVersion"], doc["base"]["model"], doc["base"]["version"]) == (2, 1, "tiny", 1)
     assert doc["adapterSeqs"] == result.adapter_seqs == [4]
     events = [entry["msg"] for entry in logs]
-    assert events[0] == "merge_started" and events[-1] == "merge_succeeded"
+    assert events[:2] == ["pod_started", "merge_started"] and events[-1] == "merge_succeeded"
+    assert (logs[0]["uid"], logs[0]["gid"], logs[0]["version"]) == (os.getuid(), os.getgid(), 2)
     assert "planned" in events and "shard_written" in events
     assert all(entry["level"] == "info" and entry["ts"].endswith("Z") for entry in logs)
     assert {"plan_seconds", "stream_seconds", "commit_seconds"} <= set(logs[-1])
