@@ -938,7 +938,7 @@ def test_a_damaged_checkpoint_is_detected_named_and_rebuilt_from_the_adapter_log
     assert first["phase"] == "Succeeded" and first["adapterSeqs"] == [1, 2]
     since = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     check = "deep" if how == "flip" else "cheap"
-    detected_metric = f'privatefm_corruption_detected_total{{reason="{reason}",check="{check}"}}'
+    detected_metric = f'privatefm_corruption_detected_total{{check="{check}",reason="{reason}"}}'  # sorted labels
     fallback_metric = 'privatefm_fallback_operations_total{reason="Corruption",result="succeeded"}'
     before = operator.metrics()
     damaged = corrupt(s3, layout.checkpoint_prefix(learner.ns_uid, 1), how)
