@@ -224,7 +224,7 @@ def test_deep_check_passes_then_names_a_flipped_byte(kube: Kube, s3: S3Info, lea
     good = finished("verify-v1-1")
     assert good == VerifyOutcome(True, None, None, good.message, current["manifestSha256"]), good
     job = json.loads(kube.kubectl("get", "job", "verify-v1-1", "-n", ns, "-o", "json").stdout)
-    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"memory": "512Mi"}
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "1", "memory": "512Mi"}
     # The operator ignores verify Jobs: no AdapterMerge, no Warning about a foreign Job.
     assert [a["metadata"]["name"] for a in json.loads(kube.kubectl("get", "am", "-n", ns, "-o", "json")
                                                       .stdout)["items"]] == ["first"]
