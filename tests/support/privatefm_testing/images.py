@@ -10,7 +10,13 @@ imported into the node's containerd.
   the venv and the image. The sandbox ("pause") image is the base running ``sleep infinity``.
 - **Cache.** Each image is tagged with a hash of everything that goes into it (its Dockerfile, the
   files it copies, the base); an image containerd already holds under that tag is not rebuilt.
-  buildah's storage and containerd's root live under ``~/.cache/privatefm``.
+  buildah's storage, its temporary files and containerd's root live under ``~/.cache/privatefm``.
+- **Disk.** The merge image is 6.8 GB, all in one layer, and each copy of it is whole. buildah's
+  commit holds four: the build container, a temporary tar of its layer, the copy its storage
+  receives, and the stored layer (24.4 GiB at the peak, measured). The transfer holds an OCI layout,
+  then containerd's content and its unpacked snapshot; it drops buildah's copy before containerd
+  takes its two. ``ensure_images`` checks the free space first and says what is missing, instead of
+  failing inside buildah's commit; older images and what a failed build left go first.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ WHEELHOUSE = Path(os.environ.get("PRIVATEFM_WHEELHOUSE", CACHE / "wheels"))
 SUITE = "bookworm"
 BASE_PACKAGES = ("python3", "python3-venv", "python-is-python3", "ca-certificates")
 REPO = "localhost/privatefm"
+# Free disk each build needs under IMAGES, in GiB. The merge build was measured taking 24.4 GiB at
+# its peak (buildah's commit: the container, two temporary copies of the layer, the stored layer).
+DISK_NEEDED_GIB = {"merge": 26, "operator": 2, "pause": 1}
 # What the Dockerfiles COPY (kept in step with them; tests/test_packaging.py checks the COPY lines).
 BUILD_INPUTS = ("pyproject.toml", "requirements.lock", "README.md", "operator", "merge_image")
 
@@ -43,7 +52,11 @@ BUILD_INPUTS = ("pyproject.toml", "requirements.lock", "README.md", "operator", 
 def buildah(*args: str | Path, capture: bool = True) -> str:
     cmd = ["buildah", "--root", str(IMAGES / "buildah" / "root"), "--runroot", str(IMAGES / "buildah" / "run"),
            "--storage-driver", "overlay", *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=capture, text=True)
+    # buildah writes a commit's layer to a temporary file first: by default in /var/tmp, which may
+    # be small or memory-backed. Beside its storage, it has the same disk as the rest.
+    tmp = IMAGES / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(cmd, capture_output=capture, text=True, env={**os.environ, "TMPDIR": str(tmp)})
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[7:9])} failed ({proc.returncode}):\n{(proc.stderr or '')[-4000:]}")
     return (proc.stdout or "").strip()
@@ -105,6 +118,10 @@ def build_dockerfile(dockerfile: str, base: str, ref: str) -> None:
     """Builds a Dockerfile from the repo on ``base`` as ``ref``."""
     if not any(WHEELHOUSE.glob("*.whl")):
         raise RuntimeError(f"no wheels in {WHEELHOUSE}: scripts/setup.sh fills it")
+    # What an interrupted or failed build left (its working containers, buildah's temporary blobs)
+    # would hold gigabytes of the disk this one needs.
+    buildah("rm", "--all")
+    shutil.rmtree(IMAGES / "tmp", ignore_errors=True)
     log.info("buildah bud %s -> %s", dockerfile, ref)
     started = time.monotonic()
     buildah("bud", "--isolation", "chroot", "--pull-never", "--layers=false", "--quiet", "-f", REPO_ROOT / dockerfile,
@@ -124,15 +141,43 @@ def build_pause(base: str, ref: str) -> None:
         buildah("rm", container)
 
 
-def import_into(node: Node, ref: str) -> None:
-    """Copies an image from buildah's storage into the node's containerd (uncompressed: both sit on
-    this disk, and compressing the merge image's gigabytes would cost minutes)."""
-    archive = IMAGES / "transfer.tar"
+def free_gib() -> float:
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    return shutil.disk_usage(IMAGES).free / 2**30
+
+
+def check_disk(name: str, ref: str) -> None:
+    needed, free = DISK_NEEDED_GIB[name], free_gib()
+    if free < needed:
+        raise RuntimeError(
+            f"building {ref} needs about {needed} GiB free under {IMAGES}, and {free:.1f} GiB are free "
+            "(the merge image is 6.8 GB in one layer, and buildah's commit holds four copies of it)")
+
+
+def import_into(node: Node, ref: str, keep_in_buildah: bool) -> None:
+    """Moves an image from buildah's storage into the node's containerd, as an uncompressed OCI
+    layout (both sit on this disk, and compressing the merge image's gigabytes would cost minutes)
+    streamed into ``ctr images import``. buildah's copy of an application image is dropped before
+    containerd writes its own."""
+    layout = IMAGES / "transfer"
+    shutil.rmtree(layout, ignore_errors=True)
     try:
-        buildah("push", "--quiet", "--disable-compression", ref, f"oci-archive:{archive}:{ref}")
-        node.ctr("images", "import", archive)
+        buildah("push", "--quiet", "--disable-compression", ref, f"oci:{layout}:{ref}")
+        if not keep_in_buildah:
+            buildah("rmi", ref)
+        tar = subprocess.Popen(["tar", "-C", str(layout), "-cf", "-", "."], stdout=subprocess.PIPE)
+        try:
+            imported = subprocess.run(["ctr", "--address", node.sock, "-n", "k8s.io", "images", "import", "-"],
+                                      stdin=tar.stdout, capture_output=True, text=True, timeout=1200)
+        finally:
+            assert tar.stdout is not None
+            tar.stdout.close()
+            tar.wait()
+        if imported.returncode != 0 or tar.returncode != 0:
+            raise RuntimeError(f"ctr images import {ref} failed ({imported.returncode}, tar {tar.returncode}): "
+                               f"{imported.stderr[-2000:]}")
     finally:
-        archive.unlink(missing_ok=True)
+        shutil.rmtree(layout, ignore_errors=True)
 
 
 def wanted() -> dict[str, str]:
@@ -152,19 +197,20 @@ def ensure_images(node: Node) -> dict[str, str]:
         raise RuntimeError("building images needs Debian's buildah and mmdebstrap; scripts/setup.sh installs them")
     refs = wanted()
     base = refs.pop("base")
+    # Older images go first: an old merge image is two more copies on the disk the build needs.
+    prune(node, set(refs.values()))
     have = set(node.ctr("images", "ls", "-q").stdout.split())
     for name, ref in refs.items():
         if ref in have:
             continue
         ensure_base(base)
+        check_disk(name, ref)
         if name == "pause":
             build_pause(base, ref)
         else:
             build_dockerfile(f"Dockerfile.{name}", base, ref)
-        import_into(node, ref)
-        # containerd holds it now; buildah's copy of an application image only takes disk.
-        if name != "pause":
-            buildah("rmi", ref)
+        # Once containerd holds it, buildah's copy of an application image only takes disk.
+        import_into(node, ref, keep_in_buildah=name == "pause")
     prune(node, set(refs.values()))
     return refs
 
@@ -179,4 +225,4 @@ def prune(node: Node, keep: set[str]) -> None:
         stale = name.startswith(f"{REPO}/") and name not in keep
         stale_alias = name.startswith("sha256:") and digest not in keep_digests
         if stale or stale_alias:
-            node.ctr("images", "rm", name, check=False)
+            node.ctr("images", "rm", "--sync", name, check=False)
