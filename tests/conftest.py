@@ -187,7 +187,7 @@ def operator(request: pytest.FixtureRequest, kube: Kube, s3: S3Info, operator_ku
     proc = OperatorProcess(operator_kubeconfig, s3, tmp_path_factory.mktemp("operator") / "operator.log",
                            merge_gpus="0", resync_seconds="2", store_timeout_seconds="1", store_grace_seconds="8",
                            integrity_check_seconds="10", fallback_backoff_seconds="5",
-                           merge_pending_timeout_seconds="8", **lane)
+                           merge_pending_timeout_seconds="8", full_resync_seconds="10", **lane)
     if isinstance(podrunner, NodeHookRunner):
         podrunner.operator_pid = lambda: proc.proc.pid if proc.proc and proc.proc.poll() is None else None
     proc.start()

@@ -99,6 +99,11 @@ MALFORMED: list[tuple[str, dict[str, Any], str, str]] = [
     ("schedule-dow-7", merge(schedule="0 2 * * 7"), "spec.merge.schedule", "day-of-week field (#5)"),
     ("schedule-range-reversed", merge(schedule="0 2 * * FRI-MON"), "spec.merge.schedule", "a <= b"),
     ("schedule-step-0", merge(schedule="*/0 * * * *"), "spec.merge.schedule", "n >= 1"),
+    ("schedule-H-in-day-of-month", merge(schedule="0 2 H * *"), "spec.merge.schedule", "day-of-month field (#3)"),
+    ("schedule-H-range-reversed", merge(schedule="H(40-10) 2 * * *"), "spec.merge.schedule", "a <= b"),
+    ("schedule-H-range-beyond", merge(schedule="0 H(20-24) * * *"), "spec.merge.schedule", "hour field (#2)"),
+    ("schedule-H-step-0", merge(schedule="H/0 2 * * *"), "spec.merge.schedule", "minute field (#1)"),
+    ("schedule-H-lowercase", merge(schedule="h 2 * * *"), "spec.merge.schedule", "minute field (#1)"),
     ("timeZone-Local", merge(timeZone="Local"), "spec.merge.timeZone", "not Local"),
     ("timeZone-component-over-14", merge(timeZone="Europe/Berlin_and_Brandenburg"), "spec.merge.timeZone",
      "should match"),
@@ -146,6 +151,8 @@ ACCEPTED: list[tuple[str, dict[str, Any]]] = [
     ("schedule-lowercase-names-steps", merge(schedule="0 2 * jan-dec/3 sun-sat/2")),
     ("schedule-leading-zeros-tab", merge(schedule="00 02\t*/1 * 0-6")),
     ("schedule-start-with-step", merge(schedule="5/20 1-23/2 1/7 2-dec 0-SAT")),
+    ("schedule-hashed", merge(schedule="H H(1-4) * * MON-FRI")),
+    ("schedule-hashed-steps-lists", merge(schedule="H(0-29)/10,45 H/6 * * *")),
     ("timeZone-three-parts", merge(timeZone="America/Argentina/Buenos_Aires")),
     ("timeZone-etc-offset", merge(timeZone="Etc/GMT+5")),
     # Well-formed but unknown: only the zone database knows, so the operator reports it, not the schema.
@@ -239,7 +246,7 @@ def test_samples_parse_with_operator_defaults() -> None:
     ada = LearnerNamespace.model_validate(load("learnernamespace.yaml"))
     assert ada.spec.merge_settings().time_zone == "Europe/Berlin"
     bo = LearnerNamespace.model_validate(load("learnernamespace-minimal.yaml"))
-    assert bo.spec.merge_settings().schedule == "0 2 * * *"
+    assert bo.spec.merge_settings().schedule is None  # the cluster's window decides (schedules.py)
     assert bo.spec.deletion_delay == "24h"
     assert AdapterMerge.model_validate(load("adaptermerge.yaml")).spec.trigger == "Manual"
 

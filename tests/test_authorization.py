@@ -615,13 +615,13 @@ OPERATOR_CALLS = {
     ("privatefm.io", "learnernamespaces/status"): {"patch"},                         # write_status; kopf progress
     ("privatefm.io", "adaptermerges"): {"get", "list", "watch", "create", "patch"},  # + scheduled-run records
     ("privatefm.io", "adaptermerges/status"): {"patch"},
-    ("", "namespaces"): {"get", "create", "patch", "delete"},                        # get; apply; approved deletion
-    ("", "serviceaccounts"): {"create", "patch"},                                    # apply only
+    ("", "namespaces"): {"get", "list", "watch", "create", "patch", "delete"},       # get; watch; apply; deletion
+    ("", "serviceaccounts"): {"list", "watch", "create", "patch"},                   # watch (drift); apply
     ("", "secrets"): {"create", "patch"},                                            # apply only: never read
-    ("", "resourcequotas"): {"create", "patch"},
-    ("", "limitranges"): {"create", "patch"},
-    ("networking.k8s.io", "networkpolicies"): {"create", "patch"},
-    ("batch", "cronjobs"): {"get", "create", "patch"},                               # apply; owner check
+    ("", "resourcequotas"): {"list", "watch", "create", "patch"},
+    ("", "limitranges"): {"list", "watch", "create", "patch"},
+    ("networking.k8s.io", "networkpolicies"): {"list", "watch", "create", "patch"},
+    ("batch", "cronjobs"): {"get", "list", "watch", "create", "patch"},              # watch; apply; owner check
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},        # + delete a verify Job; kopf
     ("", "pods"): {"list"},                                                          # a run's termination message
 }

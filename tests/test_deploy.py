@@ -136,9 +136,17 @@ def test_rbac_covers_every_resource_the_operator_calls() -> None:
 
     granted = set().union(*roles_by_part(rendered("manifests")).values())
     for kind, (prefix, plural, _namespaced) in RESOURCES.items():
+        if kind == "LocalQueue":  # only with Kueue, below
+            continue
         group = "" if prefix == "/api/v1" else prefix.split("/")[2]
         verb = {"Event": "create", "Pod": "list"}.get(kind, "patch")
         assert (group, plural, verb) in granted, kind
+    # LocalQueues only where the operator makes them: the chart with kueue.clusterQueue set.
+    kueue = set().union(*roles_by_part(rendered("chart", "--set", "kueue.queueName=merges",
+                                                "--set", "kueue.clusterQueue=gpus")).values())
+    assert {v for g, r, v in kueue if (g, r) == ("kueue.x-k8s.io", "localqueues")} == {"list", "watch", "create",
+                                                                                        "patch"}
+    assert not {(g, r) for g, r, _ in granted if g == "kueue.x-k8s.io"}
     for status in ("learnernamespaces/status", "adaptermerges/status"):
         assert ("privatefm.io", status, "patch") in granted
 

@@ -152,7 +152,11 @@ def test_learner_namespace_is_provisioned_isolated_and_ready(kube: Kube, learner
     assert get(kube, "secrets", "-n", learner.namespace)["items"] == []
 
     cron = get(kube, "cronjob", "nightly-merge", "-n", learner.namespace)["spec"]
-    assert cron["schedule"] == "0 2 * * *" and cron["concurrencyPolicy"] == "Forbid"
+    # No schedule in the spec: the learner's own point of the default window, 02:00-05:00.
+    minute, hour, *rest = cron["schedule"].split()
+    assert rest == ["*", "*", "*"] and 120 <= int(hour) * 60 + int(minute) < 300, cron["schedule"]
+    assert cron["schedule"] == learner.status()["mergeSchedule"]
+    assert cron["concurrencyPolicy"] == "Forbid"
     job = cron["jobTemplate"]["spec"]
     assert job["suspend"] is True and job["backoffLimit"] == 0
     pod = job["template"]["spec"]
@@ -172,8 +176,10 @@ def test_learner_namespace_is_provisioned_isolated_and_ready(kube: Kube, learner
 
 
 # ---- 2. drift --------------------------------------------------------------------------------
-def test_drift_is_repaired(kube: Kube, learner: LearnerHandle) -> None:
+def test_drift_is_repaired(kube: Kube, learner: LearnerHandle, operator: OperatorProcess) -> None:
+    """From the watch event, not a timer: each repair counts in privatefm_drift_repairs_total."""
     ns = learner.namespace
+    repairs = operator.metrics().get("privatefm_drift_repairs_total", 0.0)
     uid_before = get(kube, "networkpolicy", "privatefm-isolation", "-n", ns)["metadata"]["uid"]
     kube.kubectl("delete", "networkpolicy", "privatefm-isolation", "-n", ns)
     restored = wait_for(lambda: get(kube, "networkpolicy", "privatefm-isolation", "-n", ns), 20,
@@ -184,6 +190,22 @@ def test_drift_is_repaired(kube: Kube, learner: LearnerHandle) -> None:
                  "-p", json.dumps({"spec": {"hard": {"pods": "100"}}}))
     wait_for(lambda: get(kube, "resourcequota", "privatefm-quota", "-n", ns)["spec"]["hard"]["pods"] == "4",
              20, "the quota to be restored")
+    assert operator.metrics().get("privatefm_drift_repairs_total", 0.0) >= repairs + 2
+
+
+def test_an_idle_learner_costs_no_applies(kube: Kube, learner: LearnerHandle, operator: OperatorProcess) -> None:
+    """The timer's passes (every 2 s in the tests) find nothing changed and send no apply; only the
+    full resync (reason="full") applies without a reason."""
+    def applies() -> dict[str, float]:
+        return {k: v for k, v in operator.metrics().items()
+                if k.startswith("privatefm_child_applies_total") and 'reason="full"' not in k}
+
+    time.sleep(3)  # the learner fixture's own passes settle
+    before = applies()
+    time.sleep(7)  # three or more passes of every learner
+    assert applies() == before
+    assert get(kube, "networkpolicy", "privatefm-isolation", "-n", learner.namespace)["metadata"]["annotations"][
+        "privatefm.io/desired-hash"]
 
 
 # ---- 3. manual merges ------------------------------------------------------------------------

@@ -22,7 +22,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # Five whitespace-separated cron fields; CronJob's own macros and TZ= prefixes are not accepted here.
 # The shape only: ``cron_field_rules`` checks each field's values as CronJob's parser does.
-CRON_5_FIELDS = r"^([0-9*/,?A-Za-z-]+[ \t]+){4}[0-9*/,?A-Za-z-]+$"
+CRON_5_FIELDS = r"^([0-9*/,?A-Za-z()-]+[ \t]+){4}[0-9*/,?A-Za-z()-]+$"
 # Path components of at most 14 characters, as Kubernetes checks a CronJob's timeZone. Whether the
 # zone exists only the zone database knows: the operator reports an unknown one.
 IANA_TIME_ZONE = r"^[A-Za-z][A-Za-z0-9_+-]{0,13}(/[A-Za-z0-9_+][A-Za-z0-9_+-]{0,13})*$"
@@ -63,6 +63,8 @@ CRON_FIELDS: tuple[tuple[str, str, str, list[str], int], ...] = (
     ("month", "[1-9]|1[0-2]", "1-12 or JAN-DEC", MONTHS, 1),
     ("day-of-week", "[0-6]", "0-6 or SUN-SAT", WEEKDAYS, 0),
 )
+# Fields that also take Jenkins-style hashed items (H, H(a-b), H/n, H(a-b)/n): schedules.py.
+HASHED_CRON_FIELDS = ("minute", "hour")
 
 
 def cron_field_rules() -> list[Any]:  # list[JsonValue] for pydantic
@@ -72,7 +74,8 @@ def cron_field_rules() -> list[Any]:  # list[JsonValue] for pydantic
     rules = []
     for index, (name, numbers, words, names, first) in enumerate(CRON_FIELDS):
         value = f"0*({numbers})" + (f"|(?i:{'|'.join(names)})" if names else "")
-        item = rf"^([*?]|({value})(-({value}))?)(/0*[1-9][0-9]{{0,8}})?$"
+        step = "(/0*[1-9][0-9]{0,8})?"
+        item = rf"^([*?]|({value})(-({value}))?){step}$"
 
         def number(v: str, names: list[str] = names, first: int = first) -> str:
             if not names:
@@ -82,10 +85,17 @@ def cron_field_rules() -> list[Any]:  # list[JsonValue] for pydantic
 
         ends = "r.split('/')[0].split('-')"
         field = f"self.replace('\\t', ' ').split(' ').filter(f, f != '')[{index}]"
+        ordered = f"(!r.contains('-') || {number(ends + '[0]')} <= {number(ends + '[1]')})"
+        hashed = ""
+        if name in HASHED_CRON_FIELDS:
+            item = rf"^(([*?]|({value})(-({value}))?){step}|H(\(({value})-({value})\))?{step})$"
+            h_ordered = "int(r.split('(')[1].split('-')[0]) <= int(r.split('-')[1].split(')')[0])"
+            ordered = f"(r.startsWith('H') ? (!r.contains('-') || {h_ordered}) : {ordered})"
+            hashed = ", H, H(a-b) or H/n (a value of its own for each learner)"
         rule = (f"!self.matches(r'{CRON_5_FIELDS}') || {field}.split(',').all(r, r.matches(r'{item}') && "
-                f"(!r.contains('-') || {number(ends + '[0]')} <= {number(ends + '[1]')}))")
+                f"{ordered})")
         rules.append(cel(rule, f"schedule: the {name} field (#{index + 1}) takes *, ?, values {words}, ranges "
-                               "a-b with a <= b, steps /n with n >= 1, and lists of those (a,b)"))
+                               f"a-b with a <= b, steps /n with n >= 1{hashed}, and lists of those (a,b)"))
     return rules
 
 
@@ -257,10 +267,14 @@ class Guardian(Model):
 class MergeSettings(Model):
     """When and where the nightly merge runs."""
 
-    schedule: str = Field(
-        default="0 2 * * *", pattern=CRON_5_FIELDS, max_length=128,
+    schedule: str | None = Field(
+        default=None, pattern=CRON_5_FIELDS, max_length=128,
         description="Cron schedule with 5 fields (minute 0-59, hour 0-23, day-of-month 1-31, month 1-12 or "
-                    "JAN-DEC, day-of-week 0-6 or SUN-SAT), as a CronJob takes it. Default '0 2 * * *'.",
+                    "JAN-DEC, day-of-week 0-6 or SUN-SAT), as a CronJob takes it. The minute and hour fields "
+                    "also take H, H(a-b), H/n and H(a-b)/n: a value of the range stable for this learner "
+                    "(as Jenkins' H), so 'H 2 * * *' runs at the learner's own minute past two. Default: once "
+                    "a day at the learner's own point of the cluster's window (02:00-05:00 unless the operator "
+                    "is configured otherwise). status.mergeSchedule shows the schedule in effect.",
         json_schema_extra={"x-kubernetes-validations": cron_field_rules()})
     time_zone: str | None = Field(
         default=None, pattern=IANA_TIME_ZONE, max_length=64,
@@ -407,6 +421,9 @@ class LearnerNamespaceStatus(Status):
     phase: LearnerPhase | None = Field(default=None, description="Summary phase for humans.")
     ns_uid: str | None = Field(default=None, description="Stable id the namespace and store prefix derive from.")
     namespace: str | None = Field(default=None, description="Name of the learner's namespace.")
+    merge_schedule: str | None = Field(
+        default=None, description="The nightly CronJob's schedule: spec.merge.schedule with its H fields resolved, "
+                                  "or this learner's point of the cluster's default window.")
     current_checkpoint: Checkpoint | None = Field(default=None, description="The latest verified checkpoint.")
     last_assigned_version: int | None = Field(
         default=None, ge=0, description="Highest checkpoint version handed to a merge (versions never repeat).")

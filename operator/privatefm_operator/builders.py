@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 from privatefm_merge import contract
 
-from privatefm_operator import naming
+from privatefm_operator import naming, schedules
 from privatefm_operator.api import LearnerNamespaceSpec, MergeSettings, MergeTrigger
 from privatefm_operator.settings import Settings
 
@@ -327,11 +327,17 @@ def verify_job(learner: Learner, settings: Settings, name: str, version: int, ur
     }
 
 
+def merge_schedule(learner: Learner, settings: Settings) -> str:
+    """The learner's nightly schedule in effect (``schedules``: H fields, the default window)."""
+    return schedules.effective(learner.spec.merge_settings().schedule, learner.spec.learner_id,
+                               settings.schedule_window)
+
+
 def cronjob(learner: Learner, settings: Settings) -> dict[str, Any]:
     """The nightly schedule. Its Jobs start suspended until the operator assigns their version."""
     merge = learner.spec.merge_settings()
     spec: dict[str, Any] = {
-        "schedule": merge.schedule,
+        "schedule": merge_schedule(learner, settings),
         "suspend": merge.suspend,
         "concurrencyPolicy": "Forbid",
         "startingDeadlineSeconds": 3600,
@@ -349,6 +355,13 @@ def cronjob(learner: Learner, settings: Settings) -> dict[str, Any]:
             "metadata": _meta(learner, naming.CRONJOB, "schedule"), "spec": spec}
 
 
+def local_queue(learner: Learner, settings: Settings) -> dict[str, Any]:
+    """With Kueue: the learner's LocalQueue, backed by the cluster's ClusterQueue for merges."""
+    return {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
+            "metadata": _meta(learner, settings.kueue_queue_name, "queue"),
+            "spec": {"clusterQueue": settings.kueue_cluster_queue}}
+
+
 def children(learner: Learner, settings: Settings) -> list[dict[str, Any]]:
     """Everything inside the learner's namespace, in apply order."""
     return [
@@ -357,6 +370,7 @@ def children(learner: Learner, settings: Settings) -> list[dict[str, Any]]:
         resource_quota(learner, settings),
         limit_range(learner, settings),
         cronjob(learner, settings),
+        *([local_queue(learner, settings)] if settings.kueue_cluster_queue else []),
     ]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -160,6 +162,7 @@ class LearnerFacts:
     claim_problem: Failure | None = None  # the learner's namespace is not this CR's to manage
     ns_uid: str | None = None
     namespace: str | None = None
+    merge_schedule: str | None = None  # the CronJob's schedule, H fields and the default window resolved
     latest_base: int | None = None
     base_problem: str = ""  # the base model cannot be used
     store_problem: str = ""  # the store could not be read: what it holds is unknown
@@ -207,7 +210,8 @@ def learner_status(facts: LearnerFacts, old: LearnerNamespaceStatus) -> LearnerN
     old = recovered(old, facts.history, facts.checkpoints_uri)
     # status.nsUid is immutable once set (an admission policy holds it): a differing old value stays
     # for people to see, and the operator goes by the identity it derives.
-    known = {"ns_uid": old.ns_uid or facts.ns_uid, "namespace": facts.namespace} if facts.namespace else {}
+    known = {"ns_uid": old.ns_uid or facts.ns_uid, "namespace": facts.namespace,
+             "merge_schedule": facts.merge_schedule} if facts.namespace else {}
     stall = Failure("InvalidSpec", facts.spec_problem) if facts.spec_problem else facts.claim_problem
     if stall is not None:
         return old.model_copy(update={**known, "phase": LearnerPhase.FAILED, "conditions": conditions.merge(
@@ -703,3 +707,34 @@ def recovery_after_attempt(recovery: RecoveryStatus, succeeded: bool, limit: int
         return recovery.model_copy(update={"attempts": attempts, "failed_at": now, "next_attempt_at": None})
     return recovery.model_copy(update={"attempts": attempts, "merge": naming.fallback_merge(recovery.id, attempts),
                                        "next_attempt_at": now + backoff * (2 ** (attempts - 1))})
+
+
+# ---- change-driven provisioning (reconcilers.children) ---------------------------------------
+def desired_hash(obj: dict[str, Any]) -> str:
+    """A digest of what the operator asks of a child, kept in its ``DESIRED_HASH`` annotation."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def with_desired_hash(obj: dict[str, Any]) -> dict[str, Any]:
+    meta = obj["metadata"]
+    annotations = {**(meta.get("annotations") or {}), naming.DESIRED_HASH: desired_hash(obj)}
+    return {**obj, "metadata": {**meta, "annotations": annotations}}
+
+
+def satisfies(desired: Any, observed: Any) -> bool:
+    """Whether ``observed`` has every field ``desired`` sets, with the same value (fields the API
+    server or others add are ignored). Lists must match item by item."""
+    if isinstance(desired, dict):
+        return isinstance(observed, dict) and all(k in observed and satisfies(v, observed[k])
+                                                  for k, v in desired.items())
+    if isinstance(desired, list):
+        return (isinstance(observed, list) and len(desired) == len(observed)
+                and all(satisfies(d, o) for d, o in zip(desired, observed, strict=True)))
+    return bool(desired == observed)
+
+
+def full_resync_due(learner: str, since_last: float, interval: float) -> bool:
+    """Whether a learner's full resync is due: every ``interval`` seconds, stretched by up to a
+    quarter by a stable per-learner jitter, so that learners created together do not resync together."""
+    jitter = int.from_bytes(hashlib.sha256(f"resync\0{learner}".encode()).digest()[:4], "big") / 2**32
+    return since_last >= interval * (1 + 0.25 * jitter)

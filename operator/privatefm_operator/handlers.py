@@ -1,7 +1,9 @@
 """kopf wiring only: each handler parses what kopf delivered and hands it to its reconciler.
 
-LearnerNamespaces are reconciled on resume, on spec change and on a timer (drift repair); once
-deleted, the deletion handler holds them until a guardian approved and the delay passed.
+LearnerNamespaces are reconciled on resume, on spec change, when a watch shows one of their
+children drifted or deleted, and on a timer whose pass is cheap unless something is due (a full
+resync, jittered, every few hours); once deleted, the deletion handler holds them until a guardian
+approved and the delay passed.
 AdapterMerges are looked at on resume and create; their Jobs' events drive them afterwards.
 No timer watches AdapterMerges, so they carry no kopf finalizer and never block namespace deletion.
 The clients and reconcilers are built once, at start-up, and kept in kopf's ``memo``.
@@ -19,6 +21,7 @@ import kopf
 from privatefm_operator import decisions, logs, metrics, naming, reconcilers
 from privatefm_operator.api import GROUP, VERSION, AdapterMerge, LearnerNamespace, MergeTrigger
 from privatefm_operator.reconcilers.base import RetryLater, parse
+from privatefm_operator.reconcilers.children import WATCHED
 from privatefm_operator.settings import Settings
 
 SETTINGS = Settings()  # read at import: the timer's interval is fixed when the handlers register
@@ -83,7 +86,29 @@ def learner_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 @kopf.timer(*LNS, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
 @metrics.timed("learnernamespace")
 def learner_resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    _retrying(lambda: memo.reconcilers.learners.reconcile(parse(LearnerNamespace, body)))
+    _retrying(lambda: memo.reconcilers.learners.resync(parse(LearnerNamespace, body)))
+
+
+def _watch_children(kind: str, group: str, version: str, plural: str) -> None:
+    """A watch on one kind of the learners' children: what it shows is remembered, and a child that
+    drifted from its spec or vanished has its learner reconciled at once (``reconcilers.children``)."""
+    @kopf.on.event(group, version, plural, labels=OURS, id=f"children-{plural}")
+    def child_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+        if "reconcilers" not in memo:
+            return
+        learners = memo.reconcilers.learners
+        name = learners.children.on_event(kind, dict(body), type == "DELETED")
+        if name is not None:
+            try:
+                learners.repair(name)
+            except RetryLater as err:  # an event handler is not retried by kopf: the next resync will be
+                log.warning("drift repair of %s deferred: %s", name, err)
+
+
+for _kind, (_group, _version, _plural) in WATCHED.items():
+    _watch_children(_kind, _group, _version, _plural)
+if SETTINGS.kueue_cluster_queue:  # the operator makes each learner's LocalQueue only then
+    _watch_children("LocalQueue", "kueue.x-k8s.io", "v1beta2", "localqueues")
 
 
 @kopf.on.delete(*LNS)

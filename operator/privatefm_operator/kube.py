@@ -33,6 +33,7 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "Job": ("/apis/batch/v1", "jobs", True),
     "LearnerNamespace": ("/apis/privatefm.io/v1alpha1", "learnernamespaces", False),
     "AdapterMerge": ("/apis/privatefm.io/v1alpha1", "adaptermerges", True),
+    "LocalQueue": ("/apis/kueue.x-k8s.io/v1beta2", "localqueues", True),
 }
 
 

@@ -35,6 +35,12 @@ UNTRUSTED = Counter("privatefm_untrusted_objects_total",
                     "Objects ignored because their identity did not check out (a forged label, owner or status)",
                     ["kind", "reason"])
 RECONCILE_ERRORS = Counter("privatefm_reconcile_errors_total", "Reconciles that raised", ["kind"])
+CHILD_APPLIES = Counter("privatefm_child_applies_total", "Server-side applies of learners' children, by why: "
+                        "unseen, changed (the spec), drifted (a watch showed it), full (the periodic resync)",
+                        ["kind", "reason"])
+DRIFT_REPAIRS = Counter("privatefm_drift_repairs_total", "Learner passes started by a watch event: a child "
+                        "drifted from its spec or was deleted")
+MERGE_QUEUE = Gauge("privatefm_merge_queue_waiting", "Merge runs waiting for a slot under mergeConcurrency")
 CHECKPOINTS_PRUNED = Counter("privatefm_checkpoints_pruned_total", "Checkpoint versions deleted by retention")
 CHECKPOINT_BYTES_PRUNED = Counter("privatefm_checkpoint_bytes_pruned_total",
                                   "Bytes of checkpoints deleted by retention")

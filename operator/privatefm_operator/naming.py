@@ -14,6 +14,10 @@ LABEL_TRIGGER = f"{GROUP}/trigger"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_VERSION = f"{GROUP}/version"          # the checkpoint version a verify Job checks
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+# Kueue's contract: a suspended Job with this label is Kueue's to admit (un-suspend).
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# On each child: a digest of what the operator last asked of it (reconcilers.children).
+DESIRED_HASH = f"{GROUP}/desired-hash"
 
 # Holds every LearnerNamespace until a listed guardian approved and deletionDelay has passed.
 GUARDIAN_FINALIZER = f"{GROUP}/guardian"

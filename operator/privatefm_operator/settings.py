@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from privatefm_operator.schedules import Window
 
 
 class Settings(BaseSettings):
@@ -54,6 +56,20 @@ class Settings(BaseSettings):
         default=1800.0, gt=0, description="How long a merge pod may stay Pending (unschedulable, image pull) "
                                           "before its AdapterMerge turns Stalled")
     job_history: int = Field(default=3, ge=0, description="Finished scheduled Jobs each CronJob keeps")
+    merge_concurrency: int = Field(
+        default=0, ge=0, description="Most merge Jobs running at once in the whole cluster; 0: no limit. Runs "
+                                     "beyond it wait, Pending with reason Queued and their position, and start "
+                                     "in a fair order (learners with fewer runs going first, then oldest first)")
+    kueue_queue_name: str = Field(
+        default="", description="With Kueue: the LocalQueue (in each learner namespace) merge Jobs are handed to. "
+                                "The operator labels a prepared, suspended Job kueue.x-k8s.io/queue-name and "
+                                "leaves admitting (un-suspending) it to Kueue; mergeConcurrency is not used")
+    kueue_cluster_queue: str = Field(
+        default="", description="With kueueQueueName: the ClusterQueue the operator points each learner's "
+                                "LocalQueue at (it then creates that LocalQueue); empty: the platform makes them")
+    default_schedule_window: str = Field(
+        default="02:00-05:00", description="HH:MM-HH:MM: a learner without spec.merge.schedule merges once a day "
+                                           "at its own point of this window (in its time zone); may pass midnight")
 
     # Learner namespaces
     quota_pods: int = Field(default=4)
@@ -72,7 +88,30 @@ class Settings(BaseSettings):
     cleanup_cron: str = Field(default="0 4 * * 0", description="When retention prunes old checkpoints (UTC)")
     stale_upload_seconds: float = Field(default=86400.0, ge=0, description="Retention aborts unfinished multipart "
                                                                        "uploads older than this")
-    resync_seconds: float = Field(default=60.0, gt=0, description="How often drift is repaired")
+    resync_seconds: float = Field(default=300.0, gt=0, description="How often each learner's due work is looked "
+                                                                  "at (integrity-check slots, fallback retries, "
+                                                                  "retention); a pass with nothing due makes no "
+                                                                  "request. Drift is repaired from watch events")
+    full_resync_seconds: float = Field(default=6 * 3600.0, gt=0, description="The safety net: how often each "
+                                                                           "learner's children are applied and its "
+                                                                           "open runs looked at, whatever the "
+                                                                           "watches said (jittered by up to +25%)")
     http_port: int = Field(default=8080, description="/metrics, /healthz, /readyz")
     liveness_port: int = Field(default=8081, description="kopf's own liveness endpoint, on 127.0.0.1 only; "
                                                          "/healthz asks it")
+
+    @model_validator(mode="after")
+    def _kueue(self) -> Settings:
+        if self.kueue_cluster_queue and not self.kueue_queue_name:
+            raise ValueError("kueue_cluster_queue needs kueue_queue_name: the LocalQueue it would back")
+        return self
+
+    @field_validator("default_schedule_window")
+    @classmethod
+    def _a_window(cls, value: str) -> str:
+        Window.parse(value)  # raises, naming the setting, when the operator starts
+        return value
+
+    @property
+    def schedule_window(self) -> Window:
+        return Window.parse(self.default_schedule_window)

@@ -23,6 +23,7 @@ optimistic concurrency, because concurrent merges of one learner race for them).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -58,6 +59,7 @@ from privatefm_operator.reconcilers.base import (
     status_of,
     write_status,
 )
+from privatefm_operator.reconcilers.children import Children
 from privatefm_operator.reconcilers.verify import VerifyChecks, VerifyConflict
 from privatefm_operator.storage import CredentialsDenied
 
@@ -100,6 +102,7 @@ class LearnerScope:
     base_problem: str = ""
     store_problem: str = ""
     history: decisions.History | None = None
+    full: bool = False  # the periodic full resync: apply every child, whatever the watches said
     mutations: list[Callable[[LearnerNamespaceStatus], LearnerNamespaceStatus]] = field(default_factory=list)
     announcements: list[Callable[[], None]] = field(default_factory=list)
 
@@ -130,24 +133,42 @@ class LearnerReconciler:
         self.merges: MergeReconciler | None = None  # set once both exist (they refer to each other)
         self.verify: VerifyChecks | None = None
         self.retention: Retention | None = None  # set by build()
+        self.children = Children()
         self._locks = Locks()
         self._known: set[str] = set()
         self._warned: set[str] = set()
+        self._last_full: dict[str, float] = {}  # learner: when its last full resync ran (monotonic)
 
     # ---- entry points ------------------------------------------------------------------------
     def reconcile(self, lns: LearnerNamespace | Invalid) -> None:
-        """Reconcile, then look again at the learner's open runs (a safety net for missed Job events)."""
-        learner = self.reconcile_only(lns)
-        if learner is not None and self.merges is not None:
-            self.merges.sweep(learner.namespace)
+        """A pass on a spec change, at start-up, or when a child drifted (change-driven)."""
+        self.reconcile_only(lns)
 
-    def reconcile_only(self, lns: LearnerNamespace | Invalid) -> Learner | None:
+    def resync(self, lns: LearnerNamespace | Invalid) -> None:
+        """The timer's pass: cheap unless this learner's full resync is due (a jittered, long
+        interval), which applies every child and looks again at the learner's open runs (a safety
+        net for missed watch events)."""
+        name, now = lns.metadata["name"], time.monotonic()
+        last = self._last_full.setdefault(name, now)  # the first pass after start-up was a full one
+        full = decisions.full_resync_due(name, now - last, self.clients.settings.full_resync_seconds)
+        learner = self.reconcile_only(lns, full=full)
+        if full:
+            self._last_full[name] = now
+            if learner is not None and self.merges is not None:
+                self.merges.sweep(learner.namespace)
+
+    def repair(self, name: str) -> None:
+        """A child of this learner drifted or vanished (a watch event): reconcile it now."""
+        metrics.DRIFT_REPAIRS.inc()
+        self.refresh(name)
+
+    def reconcile_only(self, lns: LearnerNamespace | Invalid, full: bool = False) -> Learner | None:
         name = lns.metadata["name"]
         self.track(name)
         if lns.metadata.get("deletionTimestamp"):
             return None
         with self._locks(None, name):
-            scope = LearnerScope(lns)
+            scope = LearnerScope(lns, full=full)
             for phase in (self.read_spec, self.hold, self.acknowledge, self.provision, self.observe_base,
                           self.recover_history, self.check_integrity, self.deep_check, self.heal, self.retain):
                 step = phase(scope)
@@ -174,6 +195,8 @@ class LearnerReconciler:
 
     def forget(self, name: str) -> None:
         self._known.discard(name)
+        self._last_full.pop(name, None)
+        self.children.forget(name)
         metrics.LEARNER_NAMESPACES.set(len(self._known))
         metrics.forget_learner(name)
 
@@ -222,7 +245,9 @@ class LearnerReconciler:
         """Applies the Namespace and its children (server-side apply: creates, repairs drift, or no-op)."""
         learner, kube = scope.learner, self.clients.kube
         assert learner is not None
-        existing = kube.get("Namespace", learner.namespace)
+        existing = None if scope.full else self.children.namespace(learner.namespace)
+        if existing is None:
+            existing = kube.get("Namespace", learner.namespace)
         if existing and existing.get("status", {}).get("phase") == "Terminating":
             raise RetryLater(f"namespace {learner.namespace} is terminating", delay=10)
         claim, owner = claim_namespace(self.clients, learner, existing)
@@ -234,8 +259,13 @@ class LearnerReconciler:
                 scope.lns.ref(), "Normal", "NamespaceAdopted",
                 f"adopted namespace {learner.namespace} (recorded for {owner}, which no longer exists)"))
         for child in [builders.namespace(learner), *builders.children(learner, self.clients.settings)]:
+            child = decisions.with_desired_hash(child)
+            reason = "full" if scope.full else self.children.needs_apply(child)
+            if reason is None:
+                continue
             try:
-                kube.apply(child)
+                self.children.applied(learner.name, child, kube.apply(child))
+                metrics.CHILD_APPLIES.labels(child["kind"], reason).inc()
             except ApiException as err:
                 if err.status not in (400, 422):  # the API server refused what the spec asks for
                     raise
@@ -280,6 +310,7 @@ class LearnerReconciler:
             claim_problem=scope.claim_problem, checkpoints_uri=self.checkpoints_uri(learner) if learner else None,
             history=scope.history,
             ns_uid=learner.ns_uid if learner else None, namespace=learner.namespace if learner else None,
+            merge_schedule=builders.merge_schedule(learner, self.clients.settings) if learner else None,
             latest_base=scope.latest_base, base_problem=scope.base_problem, store_problem=scope.store_problem,
             store_grace=timedelta(seconds=self.clients.settings.store_grace_seconds),
             max_lag=self.clients.settings.max_version_lag, scoped_store=self.clients.storage.scoped)

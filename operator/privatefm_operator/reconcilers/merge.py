@@ -2,6 +2,10 @@
 
     reconcile = find_learner → plan → reclone → ensure_job → observe_job → accept → write status (once)
 
+``ensure_job`` starts a run's Job only through the merge queue when a cluster-wide limit is set
+(``reconcilers.queue``): a run beyond it stays Pending with reason Queued and its position, and is
+passed again when a run ends.
+
 A run folds the learner's adapter log (``privatefm_merge.adapter_log.fold``: the newest cumulative
 adapter, then every incremental one after it) onto one base version. A Fallback run is the
 operator's own (a learner healing itself); one whose learner has no adapter yet is a re-clone:
@@ -37,6 +41,7 @@ from privatefm_operator.api import (
     MergeTrigger,
 )
 from privatefm_operator.builders import Learner
+from privatefm_operator.queueing import Run, Verdict
 from privatefm_operator.reconcilers.base import (
     Clients,
     Invalid,
@@ -53,6 +58,7 @@ from privatefm_operator.reconcilers.base import (
     write_status,
 )
 from privatefm_operator.reconcilers.learner import LearnerReconciler, learner_of
+from privatefm_operator.reconcilers.queue import MergeQueue, retry_delay
 from privatefm_operator.storage import CredentialsDenied
 
 log = logging.getLogger("privatefm.operator")
@@ -71,6 +77,8 @@ class MergeScope:
     job: dict[str, Any] | None = None
     result: contract.MergeResult | None = None
     after_write: list[Callable[[], None]] = field(default_factory=list)
+    retry_after: float | None = None  # a queued run: pass again after this many seconds
+    ended: bool = False               # the run finished in this pass: a queue slot may be free
 
     @property
     def merge(self) -> AdapterMerge:
@@ -86,41 +94,65 @@ class MergeReconciler:
     def __init__(self, clients: Clients, learners: LearnerReconciler) -> None:
         self.clients = clients
         self.learners = learners
+        self.queue = MergeQueue(clients)
         self._locks = Locks()
 
     # ---- entry points ------------------------------------------------------------------------
     def reconcile(self, am: AdapterMerge | Invalid) -> None:
         meta = am.metadata
         with self._locks(meta["namespace"], meta["name"]):
-            retry_on_conflict(lambda n: self._passes(am if n == 0 else self._fetch(meta["namespace"], meta["name"])))
+            ended = retry_on_conflict(
+                lambda n: self._passes(am if n == 0 else self._fetch(meta["namespace"], meta["name"])))
+        if ended and self.queue.limited:  # its slot is free: the runs next up start now, not at their retry
+            for run in self.queue.next_up():
+                self._pass_again(run.namespace, run.name)
+
+    def _pass_again(self, namespace: str, name: str) -> None:
+        """Another run's pass, on this one's behalf: a run still waiting keeps its own retry."""
+        try:
+            self.reconcile_named(namespace, name)
+        except RetryLater as err:
+            log.debug("still waiting: %s", err)
 
     def reconcile_named(self, namespace: str, name: str) -> None:
         """For a Job's event: the AdapterMerge itself must be read, the event carried only the Job."""
         am = self._fetch(namespace, name)
         if am is not None:
             self.reconcile(am)
+        else:
+            self.queue.forget(namespace, name)
 
     def sweep(self, namespace: str) -> None:
         """Every open run in a learner's namespace, looked at again."""
         for body in self.clients.kube.list("AdapterMerge", namespace):
             am = parse(AdapterMerge, body)
             if _status_of(am).phase not in TERMINAL:
-                self.reconcile(am)
+                try:
+                    self.reconcile(am)
+                except RetryLater as err:  # a queued run: its own handler passes it again
+                    log.debug("still waiting: %s", err)
 
     def _fetch(self, namespace: str, name: str) -> AdapterMerge | Invalid | None:
         body = self.clients.kube.get("AdapterMerge", name, namespace)
         return None if body is None else parse(AdapterMerge, body)
 
-    def _passes(self, am: AdapterMerge | Invalid | None) -> None:
+    def _passes(self, am: AdapterMerge | Invalid | None) -> bool:
+        """Passes until nothing is left to do; whether the run ended."""
+        ended = False
         while am is not None and _status_of(am).phase not in TERMINAL:
             scope = MergeScope(am, _status_of(am).model_copy())
             step = self._run_phases(scope)
             if step is Step.SKIP:
-                return
+                return ended
             body = self.write(scope)
             for effect in scope.after_write:
                 effect()
+            ended = ended or scope.ended
+            if scope.retry_after is not None:
+                raise RetryLater(f"AdapterMerge {am.metadata['name']}: {scope.status.message}",
+                                 delay=scope.retry_after)
             am = parse(AdapterMerge, body) if body is not None and step is Step.REQUEUE else None
+        return ended
 
     def _run_phases(self, scope: MergeScope) -> Step:
         for phase in (self.find_learner, self.plan, self.reclone, self.ensure_job, self.observe_job, self.accept):
@@ -244,14 +276,60 @@ class MergeReconciler:
             return self.finish(scope, MergePhase.FAILED, "ForeignJob",
                                f"Job {am.name} was not made for this run; it is not started or read")
         if job["spec"].get("suspend"):
+            if self.clients.settings.kueue_queue_name:
+                return self.hand_to_kueue(scope, job, params)
+            if not self.queue.limited:
+                return self.start(scope, job, params)
+            run = Run(learner.name, am.metadata.get("creationTimestamp") or "", am.namespace, am.name)
+            with self.queue.gate(run) as verdict:
+                if verdict.admitted:
+                    return self.start(scope, job, params)
+            return self.queued(scope, verdict)
+        scope.job = job
+        return Step.CONTINUE
+
+    def start(self, scope: MergeScope, job: dict[str, Any], params: dict[str, str]) -> Step:
+        """Hands the run its credentials and parameters, and un-suspends its Job."""
+        am = scope.merge
+        step = self.hand_credentials(scope, job)
+        if step is not Step.CONTINUE:
+            return step
+        # Mutable while a Job is suspended and has never started: the run's parameters.
+        scope.job = self.clients.kube.patch("Job", am.name, {"spec": {"suspend": False, "template": {"metadata": {
+            "annotations": params}}}}, am.namespace)
+        return Step.CONTINUE
+
+    def hand_to_kueue(self, scope: MergeScope, job: dict[str, Any], params: dict[str, str]) -> Step:
+        """Kueue's contract: a suspended Job labelled with a queue is Kueue's to admit. The Job gets its
+        credentials and parameters first, then the label; it stays suspended, and Kueue un-suspends it
+        (its event brings the run back here, now running). A Job Kueue suspends again (preemption) waits
+        again, with what it already has."""
+        am, queue = scope.merge, self.clients.settings.kueue_queue_name
+        if labels_of(job).get(naming.KUEUE_QUEUE_LABEL) != queue:
             step = self.hand_credentials(scope, job)
             if step is not Step.CONTINUE:
                 return step
-            # Mutable while a Job is suspended and has never started: the run's parameters.
-            job = kube.patch("Job", am.name, {"spec": {"suspend": False, "template": {"metadata": {
-                "annotations": params}}}}, am.namespace)
-        scope.job = job
-        return Step.CONTINUE
+            self.clients.kube.patch("Job", am.name, {"metadata": {"labels": {naming.KUEUE_QUEUE_LABEL: queue}},
+                                                     "spec": {"template": {"metadata": {"annotations": params}}}},
+                                    am.namespace)
+        message = f"handed to Kueue: waiting for LocalQueue {queue} to admit Job {am.name}"
+        return self._pending(scope, "Queued", message)
+
+    def _pending(self, scope: MergeScope, reason: str, message: str) -> Step:
+        status = scope.status
+        if (status.phase, status.reason, status.message) != (MergePhase.PENDING, reason, message):
+            scope.status = status.model_copy(update={
+                "phase": MergePhase.PENDING, "reason": reason, "message": message,
+                "conditions": conditions.merge(status.conditions, decisions.merge_conditions(
+                    MergePhase.PENDING, reason, message, scope.merge.generation, utc_now()))})
+        return Step.DONE
+
+    def queued(self, scope: MergeScope, verdict: Verdict) -> Step:
+        """Pending, reason Queued: where the run stands. It is passed again after ``retry_delay``."""
+        message = (f"position {verdict.position} in the merge queue: {verdict.running} of at most "
+                   f"{self.queue.limit} merge Jobs run, {verdict.waiting} runs wait")
+        scope.retry_after = retry_delay(verdict.position)
+        return self._pending(scope, "Queued", message)
 
     def job_is_ours(self, job: dict[str, Any], am: AdapterMerge) -> bool:
         """A Job counts only when its AdapterMerge or the learner's own CronJob owns it (by uid)."""
@@ -373,6 +451,8 @@ class MergeReconciler:
             "conditions": conditions.merge(scope.status.conditions, decisions.merge_conditions(
                 phase, reason, message, generation, utc_now()))})
         scope.after_write.insert(0, lambda: self._announce(scope, phase, reason, message, checkpoint))
+        scope.ended = True
+        scope.after_write.append(lambda: self.queue.forget(scope.am.metadata["namespace"], scope.am.metadata["name"]))
         if not succeeded:
             scope.after_write.append(lambda: self._abort_uploads(scope))
         if scope.lns is not None:  # its lag, or its fallback, moves on

@@ -1,0 +1,372 @@
+"""Benchmark: the operator at fleet scale on the real local control plane, against a bare client.
+
+    .venv/bin/python benchmarks/scale_bench.py                       # N=1000, 300 s idle, 20 drifts, storm 200
+    .venv/bin/python benchmarks/scale_bench.py --learners 200 --idle 60 --storm 0 --no-docs
+
+In one run, on one control plane (etcd, kube-apiserver, kube-controller-manager, MinIO, all local):
+
+1. **Floor.** A bare client with 8 threads makes the same writes the operator makes for N learners
+   (the LearnerNamespace, its Namespace and five children by server-side apply, one status patch),
+   with the operator stopped; then they are deleted.
+2. **Rollout.** The operator (a local process under its ServiceAccount, shipped settings) and N
+   LearnerNamespaces created by 8 threads: the time until all are Ready, against the floor.
+3. **Idle cost** over ``--idle`` seconds, with every learner Ready and nothing changing: the API
+   server's requests/s (``apiserver_request_total``, all clients) with the operator running, and
+   for a baseline window with it stopped; the operator's CPU (utime + stime from /proc) and RSS.
+4. **Drift repair.** ``--drifts`` times, a random learner's NetworkPolicy is deleted, and the time
+   until it is back is measured (polled every 20 ms).
+5. **Merge storm** (``--storm``, ``--limit``): that many learners get an adapter and a manual
+   AdapterMerge at once, with ``PRIVATEFM_MERGE_CONCURRENCY`` set; real merges of the tiny test
+   model run through the local pod runner. A watch on the merge Jobs records how many ran at once,
+   and the order they started in.
+
+Results print as JSON and replace the "Fleet scale" section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "support"))
+DOCS = REPO / "docs" / "benchmarks.md"
+SECTION = "## Fleet scale"
+THREADS = 8
+REQUESTS = re.compile(r'^apiserver_request_total\{([^}]*)\} ([0-9.eE+-]+)$', re.M)
+
+
+def lns_body(i: int, prefix: str) -> dict[str, Any]:
+    return {"apiVersion": "privatefm.io/v1alpha1", "kind": "LearnerNamespace",
+            "metadata": {"name": f"{prefix}-{i}"},
+            "spec": {"learnerId": f"{prefix}{i}", "baseModel": {"name": "tiny-llama"},
+                     "guardians": [{"kind": "User", "name": "guardian"}], "deletionDelay": "1s"}}
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from privatefm_testing.cluster import LocalCluster
+
+        self.args = args
+        self.dir = Path(args.dir).resolve()
+        if self.dir.exists():
+            import shutil
+
+            LocalCluster(self.dir).stop()
+            shutil.rmtree(self.dir)
+        self.cluster = LocalCluster(self.dir)
+        self.results: dict[str, Any] = {"learners": args.learners, "machine": f"{os.cpu_count()} cores, "
+                                        f"{platform.python_version()}", "date": time.strftime("%Y-%m-%d")}
+
+    # ---- set-up ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        from kubernetes import client, config
+        from privatefm_testing import seed
+        from privatefm_testing.demo import Kubectl, start_operator_process
+
+        self.state = self.cluster.start()
+        self.kubectl = Kubectl(self.state.kubeconfig)
+        self.api = config.new_client_from_config(self.state.kubeconfig)
+        self.api.configuration.connection_pool_maxsize = THREADS * 2
+        self.custom, self.core = client.CustomObjectsApi(self.api), client.CoreV1Api(self.api)
+        self.net, self.batch = client.NetworkingV1Api(self.api), client.BatchV1Api(self.api)
+        seed.publish_base(self.state.s3.publisher.client(retries=3), self.state.s3.bucket, version=1)
+        os.environ["PRIVATEFM_MERGE_GPUS"] = "0"
+        self.operator, self.runner = start_operator_process(self.state, self.kubectl, self.dir)
+        # Shipped settings: the demo's quick resync is taken back out.
+        for key in ("PRIVATEFM_RESYNC_SECONDS",):
+            self.operator.env.pop(key, None)
+        self.operator.env["PRIVATEFM_MERGE_GPUS"] = "0"
+        self.operator.stop()
+
+    def stop(self) -> None:
+        if getattr(self, "operator", None):
+            self.operator.stop()
+        if getattr(self, "runner", None):
+            self.runner.stop()
+        self.cluster.stop()
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def ready_count(self, prefix: str) -> int:
+        items = self.custom.list_cluster_custom_object("privatefm.io", "v1alpha1", "learnernamespaces")["items"]
+        return sum(1 for o in items if o["metadata"]["name"].startswith(prefix + "-") and any(
+            c["type"] == "Ready" and c["status"] == "True" for c in (o.get("status") or {}).get("conditions", [])))
+
+    def request_total(self) -> float:
+        text = self.api.call_api("/metrics", "GET", _preload_content=False, auth_settings=["BearerToken"])[0].data
+        return sum(float(v) for labels, v in REQUESTS.findall(text.decode()) if 'verb="WATCH"' not in labels)
+
+    def operator_cpu(self) -> float:
+        assert self.operator.proc is not None
+        fields = Path(f"/proc/{self.operator.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def operator_rss_mib(self) -> float:
+        assert self.operator.proc is not None
+        status = Path(f"/proc/{self.operator.proc.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
+
+    def parallel(self, fn: Any, items: list[Any]) -> None:
+        with ThreadPoolExecutor(THREADS) as pool:
+            list(pool.map(fn, items))
+
+    # ---- 1. the floor ----------------------------------------------------------------------------
+    def floor(self) -> None:
+        from kubernetes import config
+        from privatefm_operator import builders, decisions, naming
+        from privatefm_operator.api import LearnerNamespace
+        from privatefm_operator.kube import Kube
+        from privatefm_operator.settings import Settings
+
+        # The children and the status are written as the operator's ServiceAccount (its RBAC and the
+        # admission policies apply, as to the operator); the LearnerNamespaces by the admin, as users do.
+        operator_api = config.new_client_from_config(str(self.dir / "operator.kubeconfig"))
+        operator_api.configuration.connection_pool_maxsize = THREADS * 2
+        kube, settings, n = Kube(operator_api), Settings(), self.args.learners
+
+        def one(i: int) -> None:
+            body = lns_body(i, "floor")
+            self.custom.create_cluster_custom_object("privatefm.io", "v1alpha1", "learnernamespaces", body)
+            lns = LearnerNamespace.model_validate(body)
+            uid = naming.ns_uid(lns.spec.learner_id)
+            learner = builders.Learner(lns.name, uid, naming.namespace_name(lns.spec.learner_id, uid), lns.spec)
+            for child in [builders.namespace(learner), *builders.children(learner, settings)]:
+                kube.apply(decisions.with_desired_hash(child))
+            kube.patch("LearnerNamespace", lns.name, {"status": {"phase": "Ready", "namespace": learner.namespace}},
+                       subresource="status")
+
+        started = time.monotonic()
+        self.parallel(one, list(range(n)))
+        self.results["floor_seconds"] = round(time.monotonic() - started, 1)
+        print(f"floor: {n} learners' writes in {self.results['floor_seconds']} s", flush=True)
+        self.kubectl("delete", "lns", "--all", "--wait=false")  # no finalizers: gone at once
+        self.kubectl("delete", "namespaces", "-l", "app.kubernetes.io/managed-by=privatefm-operator", "--wait=false")
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and self.core.list_namespace(
+                label_selector="app.kubernetes.io/managed-by=privatefm-operator", limit=1).items:
+            time.sleep(2)
+
+    # ---- 2. rollout ------------------------------------------------------------------------------
+    def rollout(self) -> None:
+        n = self.args.learners
+        self.operator.start()
+        started = time.monotonic()
+        self.parallel(lambda i: self.custom.create_cluster_custom_object(
+            "privatefm.io", "v1alpha1", "learnernamespaces", lns_body(i, "lrn")), list(range(n)))
+        while self.ready_count("lrn") < n:
+            if time.monotonic() - started > 1800:
+                raise TimeoutError("rollout did not finish in 30 minutes")
+            time.sleep(1)
+        seconds = time.monotonic() - started
+        self.results["rollout_seconds"] = round(seconds, 1)
+        self.results["rollout_vs_floor"] = round(seconds / self.results["floor_seconds"], 2)
+        print(f"rollout: {n} Ready in {seconds:.1f} s ({self.results['rollout_vs_floor']}x the floor)", flush=True)
+
+    # ---- 3. idle ---------------------------------------------------------------------------------
+    def idle(self) -> None:
+        window = self.args.idle
+        time.sleep(15)  # the last learners' passes settle
+        cpu0, req0, t0 = self.operator_cpu(), self.request_total(), time.monotonic()
+        applies0 = self.applies()
+        time.sleep(window)
+        cpu1, req1, t1 = self.operator_cpu(), self.request_total(), time.monotonic()
+        wall = t1 - t0
+        self.results["idle_window_seconds"] = window
+        self.results["idle_requests_per_second"] = round((req1 - req0) / wall, 2)
+        self.results["idle_operator_cpu_percent"] = round(100 * (cpu1 - cpu0) / wall, 2)
+        self.results["idle_operator_rss_mib"] = round(self.operator_rss_mib(), 1)
+        self.results["idle_child_applies"] = self.applies() - applies0
+        # The same window's requests with the operator stopped: what the control plane makes by itself.
+        base_window = min(window, 60)
+        self.operator.stop()
+        req2, t2 = self.request_total(), time.monotonic()
+        time.sleep(base_window)
+        self.results["baseline_requests_per_second"] = round((self.request_total() - req2) / (time.monotonic() - t2), 2)
+        self.results["idle_operator_requests_per_second"] = round(
+            self.results["idle_requests_per_second"] - self.results["baseline_requests_per_second"], 2)
+        print("idle: " + json.dumps({k: v for k, v in self.results.items() if k.startswith(("idle", "baseline"))}),
+              flush=True)
+        self.operator.start()
+        time.sleep(10)
+
+    def applies(self) -> float:
+        return sum(v for k, v in self.operator.metrics().items() if k.startswith("privatefm_child_applies_total"))
+
+    # ---- 4. drift --------------------------------------------------------------------------------
+    def drift(self) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        rng = random.Random(7)
+        items = self.custom.list_cluster_custom_object("privatefm.io", "v1alpha1", "learnernamespaces")["items"]
+        namespaces = [o["status"]["namespace"] for o in items if o["metadata"]["name"].startswith("lrn-")]
+        latencies = []
+        for ns in rng.sample(namespaces, min(self.args.drifts, len(namespaces))):
+            self.net.delete_namespaced_network_policy("privatefm-isolation", ns)
+            started = time.monotonic()
+            while True:
+                try:
+                    self.net.read_namespaced_network_policy("privatefm-isolation", ns)
+                    break
+                except ApiException as err:
+                    if err.status != 404 or time.monotonic() - started > 600:
+                        raise
+                    time.sleep(0.02)
+            latencies.append(time.monotonic() - started)
+        self.results["drift_repair_seconds"] = {"median": round(statistics.median(latencies), 3),
+                                                "max": round(max(latencies), 3), "n": len(latencies)}
+        print(f"drift: {self.results['drift_repair_seconds']}", flush=True)
+
+    # ---- 5. storm --------------------------------------------------------------------------------
+    def storm(self) -> None:
+        from kubernetes import watch
+        from privatefm_testing import seed
+
+        n, limit = self.args.storm, self.args.limit
+        items = self.custom.list_cluster_custom_object("privatefm.io", "v1alpha1", "learnernamespaces")["items"]
+        learners = sorted((o["status"]["namespace"], o["status"]["nsUid"]) for o in items
+                          if o["metadata"]["name"].startswith("lrn-"))[:n]
+        s3 = self.state.s3
+        self.parallel(lambda nl: seed.publish_adapter(s3.client(), s3.bucket, nl[1], 1), learners)
+        self.operator.stop()
+        self.operator.env["PRIVATEFM_MERGE_CONCURRENCY"] = str(limit)
+        self.operator.start()
+        running: set[str] = set()
+        started: list[str] = []
+        most = [0]
+        w = watch.Watch()
+
+        def observe() -> None:
+            for event in w.stream(self.batch.list_job_for_all_namespaces,
+                                  label_selector="app.kubernetes.io/component=merge", timeout_seconds=3600):
+                job = event["object"]
+                name = f"{job.metadata.namespace}/{job.metadata.name}"
+                done = {c.type for c in (job.status.conditions or []) if c.status == "True"} & {"Complete", "Failed"}
+                if event["type"] != "DELETED" and not job.spec.suspend and not done:
+                    running.add(name)
+                    if name not in started:
+                        started.append(name)
+                else:
+                    running.discard(name)
+                most[0] = max(most[0], len(running))
+
+        threading.Thread(target=observe, daemon=True).start()
+        begin = time.monotonic()
+        self.parallel(lambda nl: self.custom.create_namespaced_custom_object(
+            "privatefm.io", "v1alpha1", nl[0], "adaptermerges", {
+                "apiVersion": "privatefm.io/v1alpha1", "kind": "AdapterMerge",
+                "metadata": {"name": "storm"}, "spec": {"trigger": "Manual"}}), learners)
+        phases: dict[str, str] = {}
+        while len(phases) < len(learners) and time.monotonic() - begin < 3600:
+            for ns, _ in learners:
+                if ns not in phases:
+                    phase = (self.custom.get_namespaced_custom_object(
+                        "privatefm.io", "v1alpha1", ns, "adaptermerges", "storm").get("status") or {}).get("phase")
+                    if phase in ("Succeeded", "Failed"):
+                        phases[ns] = phase
+            time.sleep(2)
+        w.stop()
+        created = [ns for ns, _ in learners]
+        order = [name.split("/")[0] for name in started]
+        self.results["storm"] = {
+            "runs": len(learners), "limit": limit, "seconds": round(time.monotonic() - begin, 1),
+            "most_running_at_once": most[0],
+            "succeeded": sum(p == "Succeeded" for p in phases.values()),
+            "failed": sum(p == "Failed" for p in phases.values()),
+            "started_in_creation_order_kendall_tau": round(kendall_tau(order, created), 3),
+        }
+        print(f"storm: {self.results['storm']}", flush=True)
+
+
+def kendall_tau(order: list[str], reference: list[str]) -> float:
+    """1.0 when ``order`` follows ``reference`` exactly (first come, first served)."""
+    rank = {x: i for i, x in enumerate(reference)}
+    seq = [rank[x] for x in order if x in rank]
+    pairs = concordant = 0
+    for i in range(len(seq)):
+        for j in range(i + 1, len(seq)):
+            pairs += 1
+            concordant += seq[i] < seq[j]
+    return (2 * concordant - pairs) / pairs if pairs else 1.0
+
+
+def markdown(r: dict[str, Any]) -> str:
+    drift, storm = r.get("drift_repair_seconds", {}), r.get("storm")
+    lines = [SECTION, "",
+             f"`benchmarks/scale_bench.py`, {r['date']}, {r['machine']}; the local control plane (etcd, "
+             "kube-apiserver, kube-controller-manager, MinIO) on the same two cores as the operator and the "
+             "client. The operator runs as a local process under its ServiceAccount with the shipped settings "
+             "(resync 300 s, full resync 6 h).", "",
+             "| figure | measured | target (issue 14) |", "|---|---:|---|",
+             f"| {r['learners']} learners → all Ready | {r['rollout_seconds']} s; the floor (a bare 8-thread client "
+             f"making the same writes) {r['floor_seconds']} s: **{r['rollout_vs_floor']}x** | <= 1.3x the floor |",
+             f"| idle API requests/s at {r['learners']} learners ({r['idle_window_seconds']} s window) | "
+             f"{r['idle_requests_per_second']} with the operator, {r['baseline_requests_per_second']} without it: "
+             f"**{r['idle_operator_requests_per_second']}** from the operator | ≤ 5 |",
+             f"| idle operator CPU at {r['learners']} learners | **{r['idle_operator_cpu_percent']}%** of a core | "
+             "< 5% of a core at 10,000 |",
+             f"| operator RSS at {r['learners']} learners | **{r['idle_operator_rss_mib']} MiB** | "
+             "≤ 300 MiB at 10,000 |",
+             f"| child applies while idle | {r['idle_child_applies']:.0f} | 0 |",
+             f"| drift repair (NetworkPolicy deleted → back), {drift.get('n')} times | "
+             f"median **{drift.get('median')} s**, max {drift.get('max')} s | ≤ 2 s median |"]
+    if storm:
+        lines.append(f"| storm: {storm['runs']} learners' merges at once, limit {storm['limit']} | at most "
+                     f"**{storm['most_running_at_once']}** running; {storm['succeeded']} succeeded, {storm['failed']} "
+                     f"failed in {storm['seconds']} s; start order vs creation order: Kendall τ "
+                     f"{storm['started_in_creation_order_kendall_tau']} | never more than the limit; all finish; "
+                     "fair order |")
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(r: dict[str, Any]) -> None:
+    text = DOCS.read_text()
+    section = markdown(r)
+    if SECTION in text:
+        start = text.index(SECTION)
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    DOCS.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--learners", type=int, default=1000)
+    parser.add_argument("--idle", type=float, default=300.0, help="seconds of idle measurement")
+    parser.add_argument("--drifts", type=int, default=20)
+    parser.add_argument("--storm", type=int, default=200, help="learners merging at once (0: skip)")
+    parser.add_argument("--limit", type=int, default=8, help="PRIVATEFM_MERGE_CONCURRENCY during the storm")
+    parser.add_argument("--dir", default=str(REPO / ".run" / "scale-bench"))
+    parser.add_argument("--no-docs", action="store_true")
+    args = parser.parse_args()
+    bench = Bench(args)
+    try:
+        bench.start()
+        bench.floor()
+        bench.rollout()
+        bench.idle()
+        bench.drift()
+        if args.storm:
+            bench.storm()
+    finally:
+        bench.stop()
+    print(json.dumps(bench.results, indent=2))
+    if not args.no_docs:
+        write_docs(bench.results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

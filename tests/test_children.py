@@ -1,0 +1,114 @@
+"""Change-driven provisioning's memory (pure: no server): what is applied, what is skipped, and which
+watch events count as drift. tests/test_operator.py checks the same against the real API server."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from privatefm_operator import builders, decisions, naming
+from privatefm_operator.api import LearnerNamespaceSpec
+from privatefm_operator.reconcilers.children import Children
+from privatefm_operator.settings import Settings
+
+SPEC = LearnerNamespaceSpec.model_validate({
+    "learnerId": "ada", "baseModel": {"name": "tiny"}, "guardians": [{"kind": "User", "name": "g"}]})
+LEARNER = builders.Learner(name="ada", ns_uid="u1", namespace="learner-ada-u1", spec=SPEC)
+
+
+def desired(kind: str) -> dict[str, Any]:
+    objs = [builders.namespace(LEARNER), *builders.children(LEARNER, Settings())]
+    return decisions.with_desired_hash(next(o for o in objs if o["kind"] == kind))
+
+
+def as_served(obj: dict[str, Any]) -> dict[str, Any]:
+    """What the API server answers: our fields, plus its own."""
+    served = copy.deepcopy(obj)
+    served["metadata"].update(uid="1", resourceVersion="7", managedFields=[{"manager": "privatefm-operator"}])
+    served["metadata"]["labels"] = {**served["metadata"].get("labels", {}), "kubernetes.io/metadata.name": "x"}
+    served["status"] = {}
+    return served
+
+
+def test_satisfies_ignores_what_others_add_and_sees_what_they_change() -> None:
+    netpol = desired("NetworkPolicy")
+    served = as_served(netpol)
+    assert decisions.satisfies(netpol, served)
+    served["spec"]["egress"] = served["spec"]["egress"][:1]
+    assert not decisions.satisfies(netpol, served)
+    opened = as_served(netpol)
+    opened["spec"]["policyTypes"] = ["Egress"]  # someone dropped Ingress: the default-deny is gone
+    assert not decisions.satisfies(netpol, opened)
+
+
+def test_the_hash_annotation_follows_the_spec() -> None:
+    a, b = desired("CronJob"), desired("CronJob")
+    assert a["metadata"]["annotations"][naming.DESIRED_HASH] == b["metadata"]["annotations"][naming.DESIRED_HASH]
+    other = builders.Learner(name="ada", ns_uid="u1", namespace="learner-ada-u1",
+                             spec=SPEC.model_copy(update={"merge": SPEC.merge_settings().model_copy(
+                                 update={"schedule": "0 3 * * *"})}))
+    changed = decisions.with_desired_hash(builders.cronjob(other, Settings()))
+    assert changed["metadata"]["annotations"][naming.DESIRED_HASH] != a["metadata"]["annotations"][naming.DESIRED_HASH]
+
+
+def test_an_applied_child_is_not_applied_again_until_it_drifts_or_the_spec_changes() -> None:
+    children, netpol = Children(), desired("NetworkPolicy")
+    assert children.needs_apply(netpol) == "unseen"
+    children.applied("ada", netpol, as_served(netpol))
+    assert children.needs_apply(netpol) is None
+    # Our own apply's echo and unrelated changes (a new resourceVersion, labels others add) are not drift.
+    assert children.on_event("NetworkPolicy", as_served(netpol), deleted=False) is None
+    assert children.needs_apply(netpol) is None
+    # Someone edits the policy: the learner is named for repair, and its next pass applies.
+    edited = as_served(netpol)
+    edited["spec"]["egress"] = []
+    assert children.on_event("NetworkPolicy", edited, deleted=False) == "ada"
+    assert children.needs_apply(netpol) == "drifted"
+    children.applied("ada", netpol, as_served(netpol))
+    # Deleted: repaired too.
+    assert children.on_event("NetworkPolicy", as_served(netpol), deleted=True) == "ada"
+    assert children.needs_apply(netpol)
+
+
+def test_a_spec_change_applies_even_when_the_old_object_is_intact() -> None:
+    children, cron = Children(), desired("CronJob")
+    children.applied("ada", cron, as_served(cron))
+    newer = copy.deepcopy(cron)
+    newer["spec"]["schedule"] = "0 3 * * *"
+    assert children.needs_apply(decisions.with_desired_hash(newer)) == "changed"
+
+
+def test_events_for_children_not_applied_by_this_process_are_remembered_but_trigger_nothing() -> None:
+    """After a restart: the learner's own first pass compares (and applies once)."""
+    children, ns = Children(), desired("Namespace")
+    assert children.on_event("Namespace", as_served(ns), deleted=False) is None
+    seen = children.namespace(LEARNER.namespace)
+    assert seen is not None and seen["metadata"]["labels"][naming.LABEL_LEARNER] == "ada"
+    assert children.needs_apply(ns) == "unseen"
+
+
+def test_the_learner_named_for_repair_is_the_one_recorded_not_the_childs_labels() -> None:
+    children, quota = Children(), desired("ResourceQuota")
+    children.applied("ada", quota, as_served(quota))
+    forged = as_served(quota)
+    forged["metadata"]["labels"][naming.LABEL_LEARNER] = "someone-else"
+    forged["spec"]["hard"] = {}
+    assert children.on_event("ResourceQuota", forged, deleted=False) == "ada"
+
+
+def test_forgetting_a_learner_drops_all_it_had() -> None:
+    children = Children()
+    for kind in ("Namespace", "CronJob"):
+        children.applied("ada", desired(kind), as_served(desired(kind)))
+    children.forget("ada")
+    assert children.namespace(LEARNER.namespace) is None
+    assert children.on_event("CronJob", as_served(desired("CronJob")), deleted=True) is None
+
+
+def test_full_resyncs_are_spread_over_a_quarter_of_the_interval() -> None:
+    due_at = []
+    for i in range(1000):
+        assert not decisions.full_resync_due(f"l{i}", 3599, 3600)
+        assert decisions.full_resync_due(f"l{i}", 4500, 3600)
+        due_at.append(next(t for t in range(3600, 4501, 10) if decisions.full_resync_due(f"l{i}", t, 3600)))
+    assert min(due_at) < 3700 and max(due_at) > 4400  # spread, not all at once
