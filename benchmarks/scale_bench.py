@@ -267,13 +267,13 @@ class Bench:
                 "apiVersion": "privatefm.io/v1alpha1", "kind": "AdapterMerge",
                 "metadata": {"name": "storm"}, "spec": {"trigger": "Manual"}}), learners)
         phases: dict[str, str] = {}
+        ours = {ns for ns, _ in learners}
         while len(phases) < len(learners) and time.monotonic() - begin < 3600:
-            for ns, _ in learners:
-                if ns not in phases:
-                    phase = (self.custom.get_namespaced_custom_object(
-                        "privatefm.io", "v1alpha1", ns, "adaptermerges", "storm").get("status") or {}).get("phase")
-                    if phase in ("Succeeded", "Failed"):
-                        phases[ns] = phase
+            for am in self.custom.list_cluster_custom_object("privatefm.io", "v1alpha1", "adaptermerges")["items"]:
+                phase = (am.get("status") or {}).get("phase")
+                if am["metadata"]["namespace"] in ours and am["metadata"]["name"] == "storm" and phase in (
+                        "Succeeded", "Failed"):
+                    phases[am["metadata"]["namespace"]] = phase
             time.sleep(2)
         w.stop()
         created = [ns for ns, _ in learners]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from privatefm_operator.queueing import Run, admit, fair_order
+from privatefm_operator.queueing import Run, admit, fair_order, running_merge
 from privatefm_operator.reconcilers.queue import RETRY_MAX, retry_delay
 
 
@@ -68,3 +68,17 @@ def test_a_storm_of_200_never_exceeds_the_limit_and_finishes_in_fair_order() -> 
 
 def test_the_retry_delay_grows_with_the_position_up_to_a_minute() -> None:
     assert retry_delay(1) < retry_delay(20) <= retry_delay(10_000) == RETRY_MAX == 60
+
+
+LEARNER_NS = {"app.kubernetes.io/managed-by": "privatefm-operator", "privatefm.io/ns-uid": "u1"}
+
+
+def test_only_running_jobs_in_learner_namespaces_take_a_slot() -> None:
+    going = {"spec": {"suspend": False}, "status": {"active": 1}}
+    assert running_merge(going, LEARNER_NS)
+    assert not running_merge({"spec": {"suspend": True}, "status": {}}, LEARNER_NS)
+    done = {"spec": {"suspend": False}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    assert not running_merge(done, LEARNER_NS)
+    # A Job somebody labelled as ours in their own namespace: it cannot take the fleet's slots.
+    assert not running_merge(going, {})
+    assert not running_merge(going, {"app.kubernetes.io/managed-by": "privatefm-operator"})

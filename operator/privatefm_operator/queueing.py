@@ -11,8 +11,11 @@ namespace and name, so that every operator replica orders alike.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
+
+from privatefm_operator import decisions, naming
 
 
 @dataclass(frozen=True)
@@ -49,3 +52,12 @@ def admit(run: Run, waiting: Iterable[Run], running: Iterable[Run], limit: int) 
     if index < free:
         return Verdict(True, 0, len(queue), len(running))
     return Verdict(False, index - free + 1, len(queue), len(running))
+
+
+def running_merge(job: Mapping[str, Any], namespace_labels: Mapping[str, str]) -> bool:
+    """Whether a Job (listed by the merge Jobs' labels) takes a slot: it runs (not suspended, not
+    finished), and it is in a learner namespace, which only the operator and cluster admins label."""
+    learner_namespace = (namespace_labels.get(naming.LABEL_MANAGED_BY) == naming.MANAGED_BY
+                         and bool(namespace_labels.get(naming.LABEL_NS_UID)))
+    spec, status = job.get("spec") or {}, dict(job.get("status") or {})
+    return learner_namespace and not spec.get("suspend") and not decisions.job_finished(status)

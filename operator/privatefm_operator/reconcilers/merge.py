@@ -94,7 +94,7 @@ class MergeReconciler:
     def __init__(self, clients: Clients, learners: LearnerReconciler) -> None:
         self.clients = clients
         self.learners = learners
-        self.queue = MergeQueue(clients)
+        self.queue = MergeQueue(clients, learners.children)
         self._locks = Locks()
 
     # ---- entry points ------------------------------------------------------------------------

@@ -18,11 +18,11 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
-from privatefm_operator import decisions, metrics, naming
-from privatefm_operator.queueing import Run, Verdict, admit, fair_order
+from privatefm_operator import metrics, naming
+from privatefm_operator.queueing import Run, Verdict, admit, fair_order, running_merge
 from privatefm_operator.reconcilers.base import Clients, labels_of
+from privatefm_operator.reconcilers.children import Children
 
 MERGE_JOBS = f"{naming.LABEL_MANAGED_BY}={naming.MANAGED_BY},{naming.LABEL_COMPONENT}=merge"
 RETRY_MAX = 60.0  # seconds between a waiting run's passes, at most (``retry_delay``)
@@ -34,13 +34,10 @@ def retry_delay(position: int) -> float:
     return min(10.0 + position, RETRY_MAX)
 
 
-def running(job: dict[str, Any]) -> bool:
-    return not job["spec"].get("suspend") and not decisions.job_finished(job.get("status") or {})
-
-
 class MergeQueue:
-    def __init__(self, clients: Clients) -> None:
+    def __init__(self, clients: Clients, children: Children) -> None:
         self.clients = clients
+        self.children = children
         self.limit = clients.settings.merge_concurrency
         self._lock = threading.Lock()
         self._waiting: dict[tuple[str, str], tuple[Run, float]] = {}  # run, last seen (monotonic)
@@ -50,13 +47,21 @@ class MergeQueue:
         return self.limit > 0
 
     def running(self) -> list[Run]:
+        """Merge Jobs running in learner namespaces. Anyone who may create Jobs somewhere can put our
+        labels on one; only Jobs in a namespace that carries the learner labels count (namespaces
+        are labelled by the operator and cluster admins, never by a tenant), so nobody else's Jobs
+        take the fleet's slots."""
         runs = []
         for job in self.clients.kube.list("Job", None, selector=MERGE_JOBS):
-            if running(job):
-                meta = job["metadata"]
+            meta = job["metadata"]
+            if running_merge(job, self._namespace_labels(meta["namespace"])):
                 runs.append(Run(labels_of(job).get(naming.LABEL_LEARNER, ""), meta.get("creationTimestamp", ""),
                                 meta["namespace"], meta["name"]))
         return runs
+
+    def _namespace_labels(self, namespace: str) -> dict[str, str]:
+        seen = self.children.namespace(namespace) or self.clients.kube.get("Namespace", namespace)
+        return labels_of(seen) if seen else {}
 
     @contextmanager
     def gate(self, run: Run) -> Iterator[Verdict]:
