@@ -410,6 +410,8 @@ def test_metrics_count_what_happened(kube: Kube, learner: LearnerHandle, operato
     assert after["privatefm_checkpoint_size_bytes_count"] - before.get("privatefm_checkpoint_size_bytes_count", 0) == 1
     size = learner.status()["currentCheckpoint"]["sizeBytes"]
     assert after["privatefm_checkpoint_size_bytes_sum"] - before.get("privatefm_checkpoint_size_bytes_sum", 0) == size
+    # Accepted by the store's SHA-256 checksums (one HEAD per file): the operator read no model bytes.
+    assert after.get("privatefm_accept_bytes_read_total", 0) == before.get("privatefm_accept_bytes_read_total", 0)
     live = len(get(kube, "lns")["items"])
     assert after["privatefm_learner_namespaces"] == live
     assert any(k.startswith("privatefm_reconcile_duration_seconds_count") for k in after)

@@ -187,6 +187,14 @@ def composite_only(sha256: str, store_checksum: str | None) -> str | None:
     return None if store_checksum in (None, full_object_checksum(sha256)) else store_checksum
 
 
+def store_checksum_checkable(entry: FileEntry, stat: ObjectStat) -> bool:
+    """Whether the store kept a checksum that ``check_store_checksum`` can compare for this file:
+    SHA-256, full-object, or composite where the manifest recorded the composite value."""
+    if stat.algorithm != "SHA256" or not stat.checksum:
+        return False
+    return entry.store_checksum is not None or "-" not in stat.checksum
+
+
 def check_store_checksum(entry: FileEntry, stat: ObjectStat) -> FileProblem | None:
     """The cheap check of one file against the checksum the store kept (no object bytes read).
 

@@ -40,6 +40,8 @@ CHILD_APPLIES = Counter("privatefm_child_applies_total", "Server-side applies of
                         ["kind", "reason"])
 DRIFT_REPAIRS = Counter("privatefm_drift_repairs_total", "Learner passes started by a watch event: a child "
                         "drifted from its spec or was deleted")
+ACCEPT_BYTES_READ = Counter("privatefm_accept_bytes_read_total", "Checkpoint bytes the operator read to accept "
+                            "merges (0 where the store kept SHA-256 checksums at upload)")
 MERGE_QUEUE = Gauge("privatefm_merge_queue_waiting", "Merge runs waiting for a slot under mergeConcurrency")
 CHECKPOINTS_PRUNED = Counter("privatefm_checkpoints_pruned_total", "Checkpoint versions deleted by retention")
 CHECKPOINT_BYTES_PRUNED = Counter("privatefm_checkpoint_bytes_pruned_total",

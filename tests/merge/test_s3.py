@@ -184,6 +184,10 @@ def test_merge_s3_to_s3_then_verify_and_detect_a_flipped_byte(s3: Any, prefix: s
     report = verify_checkpoint(job.output_uri, s3_client=client)
     assert report.ok, report.message
     assert report.manifest_sha256 == result.manifest_sha256
+    assert report.bytes_read == report.total_bytes > 0
+    # The operator's acceptance: the store's upload checksums stand for the bytes, none are read.
+    trusted = verify_checkpoint(job.output_uri, s3_client=client, trust_store_checksums=True)
+    assert trusted.ok and trusted.bytes_read == 0, trusted.message
     assert report.manifest is not None and report.manifest.base is not None
     assert report.manifest.base.manifest_sha256 is not None  # the sealed base's manifest is recorded
     # Byte-identical to the same merge done on local files.
@@ -200,6 +204,16 @@ def test_merge_s3_to_s3_then_verify_and_detect_a_flipped_byte(s3: Any, prefix: s
     client.put_object(Bucket=s3.bucket, Key=f"{out_key}/{shard}", Body=bytes(data))
     report = verify_checkpoint(job.output_uri, s3_client=client)
     assert not report.ok and report.bad_files == [shard] and report.problems[0].reason == "sha256"
+    # Trusting the store: the overwrite kept no checksum, so that one file is read, and found bad.
+    trusted = verify_checkpoint(job.output_uri, s3_client=client, trust_store_checksums=True)
+    assert not trusted.ok and trusted.bad_files == [shard]
+    assert trusted.bytes_read == len(data)
+    # Overwritten again with a checksum of the new bytes: the store's checksum no longer matches the
+    # manifest, found by a HEAD, no bytes read.
+    client.put_object(Bucket=s3.bucket, Key=f"{out_key}/{shard}", Body=bytes(data), ChecksumAlgorithm="SHA256")
+    trusted = verify_checkpoint(job.output_uri, s3_client=client, trust_store_checksums=True)
+    assert not trusted.ok and trusted.bad_files == [shard] and trusted.bytes_read == 0
+    assert "store checksum mismatch" in trusted.problems[0].detail
     proc = run_cli(s3, ["verify", job.output_uri])
     assert proc.returncode == 1 and f"bad file {shard}: sha256 mismatch" in proc.stderr
 

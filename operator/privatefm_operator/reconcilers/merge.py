@@ -397,13 +397,14 @@ class MergeReconciler:
         return Step.CONTINUE
 
     def accept(self, scope: MergeScope) -> Step:
-        """Verify the checkpoint from the store itself; only then is it a checkpoint."""
+        """Check the checkpoint in the store itself (its upload checksums: no model bytes); only then
+        is it a checkpoint."""
         learner, lns, result, status = scope.learner, scope.lns, scope.result, scope.status
         assert learner is not None and lns is not None and result is not None and status.target_version
         target = status.target_version
         prefix = layout.checkpoint_prefix(learner.ns_uid, target)
         uri = self.clients.storage.uri(prefix)
-        self._ensure_fresh(scope, "rehashing a checkpoint reads all of it")
+        self._ensure_fresh(scope, "accepting a checkpoint moves currentCheckpoint")
         try:
             report = self.clients.storage.verify(prefix)
         except StorageError as err:
