@@ -41,6 +41,13 @@ def test_satisfies_ignores_what_others_add_and_sees_what_they_change() -> None:
     assert not decisions.satisfies(netpol, opened)
 
 
+def test_empty_lists_and_maps_the_api_server_omits_are_satisfied_by_their_absence() -> None:
+    assert decisions.satisfies({"spec": {"ingress": [], "podSelector": {}}}, {"spec": {"podSelector": {}}})
+    assert decisions.satisfies({"spec": {"ingress": []}}, {"spec": {}})
+    assert not decisions.satisfies({"spec": {"ingress": [{"from": []}]}}, {"spec": {}})
+    assert not decisions.satisfies({"spec": {"replicas": 0}}, {"spec": {}})
+
+
 def test_the_hash_annotation_follows_the_spec() -> None:
     a, b = desired("CronJob"), desired("CronJob")
     assert a["metadata"]["annotations"][naming.DESIRED_HASH] == b["metadata"]["annotations"][naming.DESIRED_HASH]

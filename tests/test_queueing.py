@@ -82,3 +82,13 @@ def test_only_running_jobs_in_learner_namespaces_take_a_slot() -> None:
     # A Job somebody labelled as ours in their own namespace: it cannot take the fleet's slots.
     assert not running_merge(going, {})
     assert not running_merge(going, {"app.kubernetes.io/managed-by": "privatefm-operator"})
+
+
+def test_the_running_jobs_are_listed_in_every_namespace() -> None:
+    """The queue counts merge Jobs cluster-wide: a namespaced kind without a namespace is listed
+    across all of them (not in a namespace called "None")."""
+    from privatefm_operator.kube import Kube
+
+    kube = Kube(api=object())  # type: ignore[arg-type]  # paths only: no request is sent
+    assert kube._path("Job", None) == "/apis/batch/v1/jobs"
+    assert kube._path("Job", "lrn-a") == "/apis/batch/v1/namespaces/lrn-a/jobs"

@@ -97,7 +97,9 @@ def network_policy(learner: Learner, settings: Settings) -> dict[str, Any]:
     return {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": _meta(learner, naming.NETWORK_POLICY, "isolation"),
-        "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"], "ingress": [],
+        # No ingress rules at all: with Ingress in policyTypes that denies all ingress. (An explicit
+        # "ingress": [] is dropped by the API server, so every apply would change the object again.)
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"],
                  "egress": [dns, s3_egress(settings.s3_endpoint, settings.s3_egress_cidr)]},
     }
 

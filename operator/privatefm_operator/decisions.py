@@ -723,9 +723,11 @@ def with_desired_hash(obj: dict[str, Any]) -> dict[str, Any]:
 
 def satisfies(desired: Any, observed: Any) -> bool:
     """Whether ``observed`` has every field ``desired`` sets, with the same value (fields the API
-    server or others add are ignored). Lists must match item by item."""
+    server or others add are ignored). Lists must match item by item. An apply of what satisfies
+    the observed object changes nothing, so a child that satisfies is never applied again."""
     if isinstance(desired, dict):
-        return isinstance(observed, dict) and all(k in observed and satisfies(v, observed[k])
+        # An empty list or map the API server omits (omitempty) is satisfied by its absence.
+        return isinstance(observed, dict) and all(satisfies(v, observed[k]) if k in observed else v in ([], {})
                                                   for k, v in desired.items())
     if isinstance(desired, list):
         return (isinstance(observed, list) and len(desired) == len(observed)

@@ -50,7 +50,7 @@ class Kube:
     # ---- generic REST ----------------------------------------------------------------------
     def _path(self, kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
         prefix, plural, namespaced = RESOURCES[kind]
-        path = prefix + (f"/namespaces/{namespace}" if namespaced else "") + f"/{plural}"
+        path = prefix + (f"/namespaces/{namespace}" if namespaced and namespace is not None else "") + f"/{plural}"
         if name:
             path += f"/{name}"
         if sub:

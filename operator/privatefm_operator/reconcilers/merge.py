@@ -282,6 +282,9 @@ class MergeReconciler:
                 return self.start(scope, job, params)
             run = Run(learner.name, am.metadata.get("creationTimestamp") or "", am.namespace, am.name)
             with self.queue.gate(run) as verdict:
+                log.info("merge queue", extra={"fields": {"merge": am.name, "namespace": am.namespace,
+                                                          "admitted": verdict.admitted, "position": verdict.position,
+                                                          "running": verdict.running, "waiting": verdict.waiting}})
                 if verdict.admitted:
                     return self.start(scope, job, params)
             return self.queued(scope, verdict)
