@@ -151,7 +151,11 @@ class Bench:
         self.results["floor_seconds"] = round(time.monotonic() - started, 1)
         print(f"floor: {n} learners' writes in {self.results['floor_seconds']} s", flush=True)
         self.kubectl("delete", "lns", "--all", "--wait=false")  # no finalizers: gone at once
-        self.kubectl("delete", "namespaces", "-l", "app.kubernetes.io/managed-by=privatefm-operator", "--wait=false")
+        # Only the operator's ServiceAccount may delete learner namespaces (an admission policy).
+        from privatefm_testing.demo import Kubectl
+
+        as_operator = Kubectl(str(self.dir / "operator.kubeconfig"))
+        as_operator("delete", "namespaces", "-l", "app.kubernetes.io/managed-by=privatefm-operator", "--wait=false")
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and self.core.list_namespace(
                 label_selector="app.kubernetes.io/managed-by=privatefm-operator", limit=1).items:
