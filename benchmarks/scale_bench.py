@@ -104,7 +104,8 @@ class Bench:
             c["type"] == "Ready" and c["status"] == "True" for c in (o.get("status") or {}).get("conditions", [])))
 
     def request_total(self) -> float:
-        text = self.api.call_api("/metrics", "GET", _preload_content=False, auth_settings=["BearerToken"])[0].data
+        response = self.api.call_api("/metrics", "GET", _preload_content=False, auth_settings=["BearerToken"])
+        text = (response[0] if isinstance(response, tuple) else response).data
         return sum(float(v) for labels, v in REQUESTS.findall(text.decode()) if 'verb="WATCH"' not in labels)
 
     def operator_cpu(self) -> float:

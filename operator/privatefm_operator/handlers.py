@@ -11,6 +11,8 @@ The clients and reconcilers are built once, at start-up, and kept in kopf's ``me
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -93,16 +95,26 @@ def _watch_children(kind: str, group: str, version: str, plural: str) -> None:
     """A watch on one kind of the learners' children: what it shows is remembered, and a child that
     drifted from its spec or vanished has its learner reconciled at once (``reconcilers.children``)."""
     @kopf.on.event(group, version, plural, labels=OURS, id=f"children-{plural}")
-    def child_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+    async def child_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+        """Async: most events (our own applies' echoes, status updates) need a comparison and
+        nothing else, so they do not take one of the workers the reconciles run in."""
         if "reconcilers" not in memo:
             return
         learners = memo.reconcilers.learners
         name = learners.children.on_event(kind, dict(body), type == "DELETED")
         if name is not None:
-            try:
-                learners.repair(name)
-            except RetryLater as err:  # an event handler is not retried by kopf: the next resync will be
-                log.warning("drift repair of %s deferred: %s", name, err)
+            log.info("drift repair", extra={"fields": {"learner": name, "kind": kind,
+                                                       "object": f"{body.get('metadata', {}).get('namespace')}/"
+                                                                 f"{body.get('metadata', {}).get('name')}",
+                                                       "deleted": type == "DELETED"}})
+            await asyncio.get_running_loop().run_in_executor(None, functools.partial(_repair, learners, name))
+
+
+def _repair(learners: Any, name: str) -> None:
+    try:
+        learners.repair(name)
+    except RetryLater as err:  # an event handler is not retried by kopf: the next resync will be
+        log.warning("drift repair of %s deferred: %s", name, err)
 
 
 for _kind, (_group, _version, _plural) in WATCHED.items():
