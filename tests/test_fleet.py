@@ -81,6 +81,10 @@ class JobWatch:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        with contextlib.suppress(Exception):  # the stream ends when the watch is stopped
+            self._stream()
+
+    def _stream(self) -> None:
         for event in self.watch.stream(self.batch.list_job_for_all_namespaces, label_selector=MERGE_JOBS,
                                        timeout_seconds=600):
             job = event["object"]
