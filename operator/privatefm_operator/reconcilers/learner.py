@@ -146,16 +146,19 @@ class LearnerReconciler:
 
     def resync(self, lns: LearnerNamespace | Invalid) -> None:
         """The timer's pass: cheap unless this learner's full resync is due (a jittered, long
-        interval), which applies every child and looks again at the learner's open runs (a safety
-        net for missed watch events)."""
+        interval), which applies every child and looks again at all the learner's open runs (a
+        safety net for missed watch events). Runs this process knows to be open are looked at on
+        every pass."""
         name, now = lns.metadata["name"], time.monotonic()
         last = self._last_full.setdefault(name, now)  # the first pass after start-up was a full one
         full = decisions.full_resync_due(name, now - last, self.clients.settings.full_resync_seconds)
         learner = self.reconcile_only(lns, full=full)
         if full:
             self._last_full[name] = now
-            if learner is not None and self.merges is not None:
-                self.merges.sweep(learner.namespace)
+        # Open runs are looked at again on every pass: a pending one turns Stalled by the clock,
+        # which no watch event announces. A learner with none costs nothing here.
+        if learner is not None and self.merges is not None and (full or self.merges.has_open_runs(learner.namespace)):
+            self.merges.sweep(learner.namespace)
 
     def repair(self, name: str) -> None:
         """A child of this learner drifted or vanished (a watch event): reconcile it now."""

@@ -96,6 +96,7 @@ class MergeReconciler:
         self.learners = learners
         self.queue = MergeQueue(clients, learners.children)
         self._locks = Locks()
+        self._open: set[tuple[str, str]] = set()  # (namespace, name) of runs seen that have not ended
 
     # ---- entry points ------------------------------------------------------------------------
     def reconcile(self, am: AdapterMerge | Invalid) -> None:
@@ -122,6 +123,11 @@ class MergeReconciler:
         else:
             self.queue.forget(namespace, name)
 
+    def has_open_runs(self, namespace: str) -> bool:
+        """Whether this process has seen a run in ``namespace`` that has not ended: a pending run turns
+        Stalled by the clock (the pending timeout), which no watch event announces."""
+        return any(ns == namespace for ns, _ in list(self._open))
+
     def sweep(self, namespace: str) -> None:
         """Every open run in a learner's namespace, looked at again."""
         for body in self.clients.kube.list("AdapterMerge", namespace):
@@ -142,12 +148,18 @@ class MergeReconciler:
         while am is not None and _status_of(am).phase not in TERMINAL:
             scope = MergeScope(am, _status_of(am).model_copy())
             step = self._run_phases(scope)
+            key = (am.metadata["namespace"], am.metadata["name"])
             if step is Step.SKIP:
+                self._open.discard(key)
                 return ended
             body = self.write(scope)
             for effect in scope.after_write:
                 effect()
             ended = ended or scope.ended
+            if scope.status.phase in TERMINAL:
+                self._open.discard(key)
+            else:
+                self._open.add(key)
             if scope.retry_after is not None:
                 raise RetryLater(f"AdapterMerge {am.metadata['name']}: {scope.status.message}",
                                  delay=scope.retry_after)
