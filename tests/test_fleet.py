@@ -31,28 +31,9 @@ LIMIT = 2
 MERGE_JOBS = "app.kubernetes.io/managed-by=privatefm-operator,app.kubernetes.io/component=merge"
 
 
-@contextlib.contextmanager
-def restarted(operator: OperatorProcess, **env: str) -> Iterator[OperatorProcess]:
-    """The session's one operator, restarted with ``env`` and put back (two operators must not race)."""
-    saved = {key: operator.env.get(key) for key in env}
-    operator.stop()
-    operator.env.update(env)
-    operator.start()
-    try:
-        yield operator
-    finally:
-        operator.stop()
-        for key, value in saved.items():
-            if value is None:
-                operator.env.pop(key, None)
-            else:
-                operator.env[key] = value
-        operator.start()
-
-
 @pytest.fixture(scope="module")
 def limited_operator(operator: OperatorProcess) -> Iterator[OperatorProcess]:
-    with restarted(operator, PRIVATEFM_MERGE_CONCURRENCY=str(LIMIT)) as limited:
+    with operator.restarted(PRIVATEFM_MERGE_CONCURRENCY=str(LIMIT)) as limited:
         yield limited
 
 
@@ -189,7 +170,7 @@ def test_with_kueue_the_operator_prepares_the_job_and_leaves_admission_to_kueue(
     """Kueue's contract for a batch/v1 Job: a suspended Job labelled kueue.x-k8s.io/queue-name is
     Kueue's to admit, by un-suspending it. No Kueue controller runs here (docs/operator.md says why);
     the test plays Kueue's part, exactly that un-suspension."""
-    with restarted(operator, PRIVATEFM_KUEUE_QUEUE_NAME="merges", PRIVATEFM_MERGE_CONCURRENCY="1"):
+    with operator.restarted(PRIVATEFM_KUEUE_QUEUE_NAME="merges", PRIVATEFM_MERGE_CONCURRENCY="1"):
         learner = make_learner(kube, s3, f"kueue-{uid}", f"k{uid}")
         try:
             learner.publish_adapter(1)

@@ -40,20 +40,9 @@ def local_pods_only(request: pytest.FixtureRequest) -> None:
 
 @pytest.fixture(scope="module")
 def pruning_operator(operator: OperatorProcess) -> Iterator[OperatorProcess]:
-    """The session's one operator, restarted with retention every minute (two operators must not race)."""
-    changed = {"PRIVATEFM_CLEANUP_CRON": "* * * * *", "PRIVATEFM_STALE_UPLOAD_SECONDS": "0"}
-    saved = {k: operator.env.get(k) for k in changed}
-    operator.stop()
-    operator.env.update(changed)
-    operator.start()
-    yield operator
-    operator.stop()
-    for key, value in saved.items():
-        if value is None:
-            operator.env.pop(key, None)
-        else:
-            operator.env[key] = value
-    operator.start()
+    """The session's one operator, restarted with retention every minute."""
+    with operator.restarted(PRIVATEFM_CLEANUP_CRON="* * * * *", PRIVATEFM_STALE_UPLOAD_SECONDS="0") as pruning:
+        yield pruning
 
 
 @pytest.fixture

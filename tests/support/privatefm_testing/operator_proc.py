@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from privatefm_testing.cluster import S3Info, free_port
@@ -51,6 +53,25 @@ class OperatorProcess:
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"operator not ready:\n{self.log_tail()}")
+
+    @contextlib.contextmanager
+    def restarted(self, **env: str) -> Iterator[OperatorProcess]:
+        """This operator, restarted with ``env`` and put back afterwards (a test that needs other
+        settings must not start a second operator: two would race)."""
+        saved = {key: self.env.get(key) for key in env}
+        self.stop()
+        self.env.update(env)
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+            for key, value in saved.items():
+                if value is None:
+                    self.env.pop(key, None)
+                else:
+                    self.env[key] = value
+            self.start()
 
     def kill(self) -> None:
         """SIGKILL: no cleanup, as when a node dies."""
