@@ -133,6 +133,8 @@ JOB = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "authz-{uid
 APPLY = "?fieldManager=privatefm-operator&force=true"
 AM_PATH = "/apis/privatefm.io/v1alpha1/namespaces/{a}/adaptermerges"
 LNS_PATH = "/apis/privatefm.io/v1alpha1/learnernamespaces"
+LEASES_PATH = "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases"
+LEASE = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "spec": {"holderIdentity": "authz"}}
 OPERATOR_ONLY = ("operator", "operator-admin", "cluster-admin")  # the identities a row's "everyone" means
 GUARDIANS = ("guardian-user", "guardian-group")
 MERGE_PATCH = "application/merge-patch+json"
@@ -221,6 +223,17 @@ MATRIX: tuple[Row, ...] = (
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
          "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "mallory"}]},
         expect={"operator-admin": "outside", "cluster-admin": ALLOWED}),
+    # -- The shards' Leases: its own, in its own namespace; no other Lease anywhere.
+    Row("create a shard's Lease in the operator's namespace", "POST", LEASES_PATH.format(ns="privatefm-system"),
+        {**LEASE, "metadata": {"name": "privatefm-operator-shard-authz{uid}"}}, expect=_all(ALLOWED)),
+    Row("create another Lease in the operator's namespace", "POST", LEASES_PATH.format(ns="privatefm-system"),
+        {**LEASE, "metadata": {"name": "authz-{uid}"}},
+        expect={**_all("outside"), "cluster-admin": ALLOWED}),
+    Row("create a shard-named Lease in kube-system", "POST", LEASES_PATH.format(ns="kube-system"),
+        {**LEASE, "metadata": {"name": "privatefm-operator-shard-authz{uid}"}},
+        expect={"operator-admin": "outside", "cluster-admin": ALLOWED}),
+    Row("list the Leases in kube-system (others' leader elections)", "GET", LEASES_PATH.format(ns="kube-system"),
+        dry_run=False, expect=_all(ALLOWED, "operator-admin", "cluster-admin")),
     # -- Events: about the operator's own kinds, wherever they are; nothing else outside.
     Row("post an Event about a LearnerNamespace in default", "POST", "/api/v1/namespaces/default/events",
         {"apiVersion": "v1", "kind": "Event", "metadata": {"generateName": "authz."}, "type": "Normal",
@@ -625,6 +638,8 @@ OPERATOR_CALLS = {
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},        # + delete a verify Job; kopf
     ("", "pods"): {"list"},                                                          # a run's termination message
 }
+# In its own namespace only (a Role): the shards' Leases (privatefm_operator.leases).
+OPERATOR_NAMESPACE_CALLS = {("coordination.k8s.io", "leases"): {"get", "list", "create", "patch"}}
 
 
 def test_operator_rbac_is_exactly_what_it_calls() -> None:
@@ -633,6 +648,10 @@ def test_operator_rbac_is_exactly_what_it_calls() -> None:
                    _helm("privatefm-operator", str(CHART), "--namespace", "privatefm-system")):
         granted = _grants(source)
         assert granted == expected, sorted(granted ^ expected)
+        (role,) = [o for o in source if o["kind"] == "Role"]
+        assert role["metadata"]["namespace"] == "privatefm-system"
+        assert _grants([{**role, "kind": "ClusterRole"}]) == {
+            (g, r, v) for (g, r), verbs in OPERATOR_NAMESPACE_CALLS.items() for v in verbs}
     assert {g for g in expected if g[2] in ("delete", "deletecollection", "update", "escalate", "bind")} == {
         ("", "namespaces", "delete"), ("batch", "jobs", "delete")}
     assert not {("", "secrets", v) for v in ("get", "list", "watch")} & expected

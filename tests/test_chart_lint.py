@@ -197,13 +197,13 @@ def test_kubeconform_strict(schemas: Path, scenario: str) -> None:
 
 @pytest.mark.cluster
 def test_kubeconform_bites(schemas: Path) -> None:
-    """The schemas are strict: an unknown field and a wrong type in a CR or a Deployment fail."""
+    """The schemas are strict: an unknown field and a wrong type in a CR or a StatefulSet fail."""
     sample = yaml.safe_load((REPO / "manifests" / "samples" / "learnernamespace-minimal.yaml").read_text())
     bad_cr = copy.deepcopy(sample)
     bad_cr["spec"]["learnerID"] = "typo"
     bad_type = copy.deepcopy(sample)
     bad_type["spec"]["baseModel"]["version"] = "one"
-    deployment = next(d for d in yaml.safe_load_all(render("defaults")) if d and d["kind"] == "Deployment")
+    deployment = next(d for d in yaml.safe_load_all(render("defaults")) if d and d["kind"] == "StatefulSet")
     bad_deployment = copy.deepcopy(deployment)
     bad_deployment["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
     for bad in (bad_cr, bad_type, bad_deployment):

@@ -1,5 +1,5 @@
 """The README's main-job command, end to end, on the real node: ``helm install`` (the operator is the
-chart's Deployment), the sample learner, a manual merge and a scheduled merge from the CronJob as
+chart's StatefulSet), the sample learner, a manual merge and a scheduled merge from the CronJob as
 real merge pods, verified checkpoints, and ``kubectl logs`` of a merge pod. Then everything stops
 and nothing is left on the machine.
 
@@ -71,7 +71,7 @@ def test_main_job_on_the_node_merges_as_real_pods_and_leaves_nothing(tmp_path: P
         assert state.node is not None
         kube = Kube(kubeconfig=Path(state.kubeconfig), workdir=tmp_path)
 
-        # The operator is the chart's Deployment: a real pod of the operator image, Ready by its probes.
+        # The operator is the chart's StatefulSet: a real pod of the operator image, Ready by its probes.
         deployment = get(kube, "deployment", RELEASE, "-n", SYSTEM)
         assert deployment["status"].get("readyReplicas") == 1, deployment["status"]
         (pod,) = get(kube, "pods", "-n", SYSTEM, "-l", "app.kubernetes.io/name=privatefm-operator")["items"]

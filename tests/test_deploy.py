@@ -100,6 +100,14 @@ def roles_by_part(objs: list[dict[str, Any]]) -> dict[str, set[tuple[str, str, s
     return {role["metadata"]["name"].rsplit("-", 1)[1]: grants(role) for role in operator_roles(objs)}
 
 
+def lease_grants(objs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    """The Role of the shards' Leases: exactly these verbs, on Leases alone."""
+    (role,) = of_kind(objs, "Role")
+    assert role["metadata"]["name"].endswith("-leases")
+    assert grants(role) == {("coordination.k8s.io", "leases", verb) for verb in ("get", "list", "create", "patch")}
+    return grants(role)
+
+
 # ---- RBAC ------------------------------------------------------------------------------------
 
 
@@ -108,11 +116,12 @@ def test_rbac_grants_no_wildcard(source: str) -> None:
     objs = rendered(source)
     roles = of_kind(objs, "ClusterRole") + of_kind(objs, "Role")
     assert sorted(roles_by_part(objs)) == ["application", "framework"]
+    assert [lease_grants(objs)] == [grants(r) for r in of_kind(objs, "Role")]
     # The default install also ships the roles for people, unbound.
     people = {r["metadata"]["name"].removeprefix("privatefm-").removeprefix("operator-")
               for r in of_kind(objs, "ClusterRole") if r["metadata"]["name"].endswith(PEOPLE_ROLES)}
     assert people == set(PEOPLE_ROLES)
-    assert len(roles) == 2 + len(PEOPLE_ROLES) + len(AGGREGATED_ROLES)
+    assert len(roles) == 3 + len(PEOPLE_ROLES) + len(AGGREGATED_ROLES)
     for role in roles:
         for rule in role["rules"]:
             assert "nonResourceURLs" not in rule, rule
@@ -127,6 +136,7 @@ def test_rbac_is_the_same_in_manifests_and_chart() -> None:
     for part in ("framework", "application"):
         assert from_manifests[part] == from_chart[part], (
             part, sorted(from_manifests[part] ^ from_chart[part]))
+    assert lease_grants(rendered("manifests")) == lease_grants(rendered("chart"))
 
 
 def test_rbac_covers_every_resource_the_operator_calls() -> None:
@@ -134,7 +144,7 @@ def test_rbac_covers_every_resource_the_operator_calls() -> None:
     rest at least patched (server-side apply); reads are pinned by test_operator_rbac_is_exactly_what_it_calls."""
     from privatefm_operator.kube import RESOURCES
 
-    granted = set().union(*roles_by_part(rendered("manifests")).values())
+    granted = set().union(*roles_by_part(rendered("manifests")).values(), lease_grants(rendered("manifests")))
     for kind, (prefix, plural, _namespaced) in RESOURCES.items():
         if kind == "LocalQueue":  # only with Kueue, below
             continue
@@ -161,7 +171,14 @@ def test_bindings_tie_both_roles_to_the_operator_service_account(source: str) ->
     for binding in bindings:
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["name"],
                                         "namespace": account["namespace"]}]
-    pod = one(objs, "Deployment")["spec"]["template"]["spec"]
+    # The shards' Leases: a Role in the operator's own namespace, bound to the same account.
+    (role,), (binding,) = of_kind(objs, "Role"), of_kind(objs, "RoleBinding")
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == account["namespace"]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["name"],
+                                    "namespace": account["namespace"]}]
+    pod = one(objs, "StatefulSet")["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == account["name"]
 
 
@@ -169,12 +186,12 @@ def test_bindings_tie_both_roles_to_the_operator_service_account(source: str) ->
 
 
 @pytest.mark.parametrize("source", SOURCES)
-def test_deployment_runs_one_hardened_operator(source: str) -> None:
+def test_statefulset_runs_one_hardened_operator(source: str) -> None:
     objs = rendered(source)
-    deployment = one(objs, "Deployment")
+    deployment = one(objs, "StatefulSet")
     assert deployment["metadata"]["namespace"] == "privatefm-system"
     assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert deployment["spec"]["podManagementPolicy"] == "Parallel"
     pod = deployment["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == 65532
@@ -194,14 +211,17 @@ def test_deployment_runs_one_hardened_operator(source: str) -> None:
     # the chart's defaults use workload identity (no key variables at all).
     assert container["envFrom"] == [{"configMapRef": {"name": one(objs, "ConfigMap")["metadata"]["name"]}}]
     assert not of_kind(objs, "Secret")
+    lease_namespace = {"name": "PRIVATEFM_LEASE_NAMESPACE",
+                       "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
+    assert container["env"][0] == lease_namespace
     if source == "manifests":
-        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"][1:]}
         assert refs == {"PRIVATEFM_S3_ACCESS_KEY": {"name": "privatefm-operator-s3", "key": "accessKey",
                                                     "optional": True},
                         "PRIVATEFM_S3_SECRET_KEY": {"name": "privatefm-operator-s3", "key": "secretKey",
                                                     "optional": True}}
     else:
-        assert "env" not in container
+        assert container["env"] == [lease_namespace]
     service = one(objs, "Service")
     assert service["spec"]["type"] == "ClusterIP"
     assert service["spec"]["ports"][0]["name"] == "http-metrics"
@@ -222,6 +242,18 @@ def test_config_is_every_setting_at_its_default_and_the_same_in_both() -> None:
     assert shipped == defaults
 
 
+def test_chart_runs_shards_times_replicas_pods() -> None:
+    """Pod k serves shard k mod shards (the operator reads its ordinal), so shards x replicas Pods
+    give each shard one holder and replicas - 1 standbys."""
+    objs = rendered("chart", "--set", "shards=3", "--set", "replicas=2", "--set", "lease.durationSeconds=20")
+    assert one(objs, "StatefulSet")["spec"]["replicas"] == 6
+    data = one(objs, "ConfigMap")["data"]
+    settings = Settings(**{k.removeprefix("PRIVATEFM_").lower(): v for k, v in data.items()
+                           if k != "PRIVATEFM_LEASE_NAMESPACE"}, lease_namespace="privatefm-system")
+    assert (settings.shards, settings.lease_duration_seconds) == (3, 20)
+    assert [settings.shard(f"privatefm-operator-{k}").index for k in range(6)] == [0, 1, 2, 0, 1, 2]
+
+
 def test_chart_settings_follow_values() -> None:
     data = one(rendered("chart", "--set", "merge.cpu=4", "--set", "resyncSeconds=30.5",
                         "--set", "mergeImage.digest=sha256:" + "a" * 64), "ConfigMap")["data"]
@@ -233,19 +265,20 @@ def test_chart_settings_follow_values() -> None:
 def test_chart_uses_an_existing_secret_instead_of_rendering_one() -> None:
     objs = rendered("chart", "--set", "s3.existingSecret=my-s3")
     assert not of_kind(objs, "Secret")
-    env = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
-    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in env} == {"my-s3"}
+    env = one(objs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in env if "secretKeyRef" in e["valueFrom"]} == {"my-s3"}
 
 
 def test_chart_renders_a_secret_only_with_both_keys_and_rolls_on_it() -> None:
     objs = rendered("chart", "--set", "s3.accessKey=a", "--set", "s3.secretKey=b")
     secret = one(objs, "Secret")
     assert secret["data"] == {"accessKey": "YQ==", "secretKey": "Yg=="}
-    template = one(objs, "Deployment")["spec"]["template"]
-    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in template["spec"]["containers"][0]["env"]}
+    template = one(objs, "StatefulSet")["spec"]["template"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in template["spec"]["containers"][0]["env"]
+            if "secretKeyRef" in e["valueFrom"]}
     assert refs == {"PRIVATEFM_S3_ACCESS_KEY": {"name": secret["metadata"]["name"], "key": "accessKey"},
                     "PRIVATEFM_S3_SECRET_KEY": {"name": secret["metadata"]["name"], "key": "secretKey"}}
-    rotated = one(rendered("chart", "--set", "s3.accessKey=a", "--set", "s3.secretKey=c"), "Deployment")
+    rotated = one(rendered("chart", "--set", "s3.accessKey=a", "--set", "s3.secretKey=c"), "StatefulSet")
     annotations = template["metadata"]["annotations"]
     assert annotations["checksum/secret"] != rotated["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
     assert annotations["checksum/config"] == rotated["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
@@ -260,7 +293,7 @@ def test_chart_ca_bundle_extra_env_volumes_and_probes() -> None:
                     "--set", "extraVolumeMounts[0].name=x", "--set", "extraVolumeMounts[0].mountPath=/x",
                     "--set", "livenessProbe.periodSeconds=7", "--set", "podAnnotations.n=1",
                     "--set", "podLabels.team=ml", "--set", "podAnnotations.t=true")
-    template = one(objs, "Deployment")["spec"]["template"]
+    template = one(objs, "StatefulSet")["spec"]["template"]
     pod = template["spec"]
     (container,) = pod["containers"]
     assert {"name": "AWS_CA_BUNDLE", "value": "/etc/privatefm/ca/ca.crt"} in container["env"]
@@ -304,8 +337,9 @@ def test_kustomize_base_holds_no_secret_and_the_overlay_generates_one(tmp_path: 
     objs = load_all(run(BIN / "kubectl", "kustomize", overlay).stdout)
     secret = one(objs, "Secret")
     assert secret["metadata"]["name"].startswith("privatefm-operator-s3-")
-    env = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
-    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in env} == {secret["metadata"]["name"]}
+    env = one(objs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in env if "secretKeyRef" in e["valueFrom"]} == {
+        secret["metadata"]["name"]}
 
 
 def test_service_monitor_only_when_enabled() -> None:
@@ -490,7 +524,7 @@ def test_helm_install_is_restricted_and_least_privilege(kube: Kube, namespace: s
         deployment = json.loads(kube.kubectl("-n", namespace, "get", "deployment", release + "-privatefm-operator",
                                              "-o", "json").stdout)
 
-        # Pod Security is enforced on Pods, not on Deployments: the Deployment's Pod must be admitted
+        # Pod Security is enforced on Pods, not on StatefulSets: the StatefulSet's Pod must be admitted
         # in a namespace enforcing "restricted", and a privileged variant must not (the check bites).
         pod = pod_from(deployment, f"restricted-{uid}")
         kube.kubectl("-n", namespace, "create", "--dry-run=server", "-f", "-", input=json.dumps(pod))
@@ -525,11 +559,11 @@ def test_helm_install_with_existing_secret_and_ca_bundle_runs_the_core_scenario(
     manifests/ (--take-ownership) and from then on its RBAC is exactly the chart's: every binding of
     the ServiceAccount is the release's, with the chart's rules.
 
-    No kubelet runs the chart's Deployment here. The session's one operator process is restarted in
+    No kubelet runs the chart's StatefulSet here. The session's one operator process is restarted in
     its place, under that ServiceAccount's token, with the release's ConfigMap as its environment, the
     keys read from the existing Secret, and AWS_CA_BUNDLE pointing at a local copy of the CA
     ConfigMap (the path differs from the Pod's /etc/privatefm/ca/ca.crt; the mount is checked on the
-    rendered Deployment). Then the core scenario: a learner becomes Ready and one merge succeeds,
+    rendered StatefulSet). Then the core scenario: a learner becomes Ready and one merge succeeds,
     its merge pod mounting the bundle from the learner's namespace (as trust-manager would place it).
     The local MinIO speaks plain HTTP, so the bundle is loaded but no TLS handshake uses it.
     """
@@ -562,27 +596,30 @@ def test_helm_install_with_existing_secret_and_ca_bundle_runs_the_core_scenario(
                     for b in json.loads(kube.kubectl("get", kind, "-A", "-o", "json").stdout)["items"]
                     if account in [{k: s.get(k) for k in account} for s in b.get("subjects") or []]]
         assert sorted(b["metadata"]["name"] for b in bindings) == sorted(
-            b["metadata"]["name"] for b in of_kind(chart, "ClusterRoleBinding"))
+            b["metadata"]["name"] for kind in ("ClusterRoleBinding", "RoleBinding") for b in of_kind(chart, kind))
         for binding in bindings:
             assert binding["metadata"]["annotations"]["meta.helm.sh/release-name"] == release
-            live = json.loads(kube.kubectl("get", "clusterrole", binding["roleRef"]["name"], "-o", "json").stdout)
-            rendered_role = next(r for r in of_kind(chart, "ClusterRole")
-                                 if r["metadata"]["name"] == binding["roleRef"]["name"])
+            kind = binding["roleRef"]["kind"]  # ClusterRoles, and the Role of the shards' Leases
+            live = json.loads(kube.kubectl("-n", system, "get", kind.lower(), binding["roleRef"]["name"],
+                                           "-o", "json").stdout)
+            rendered_role = next(r for r in of_kind(chart, kind) if r["metadata"]["name"] == binding["roleRef"]["name"])
             assert grants(live) == grants(rendered_role)
 
-        deployment = json.loads(kube.kubectl("-n", system, "get", "deployment", release, "-o", "json").stdout)
+        deployment = json.loads(kube.kubectl("-n", system, "get", "statefulset", release, "-o", "json").stdout)
         (container,) = deployment["spec"]["template"]["spec"]["containers"]
         assert {"name": "AWS_CA_BUNDLE", "value": "/etc/privatefm/ca/ca.crt"} in container["env"]
-        assert {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e} == {secret}
+        assert {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"]
+                if "secretKeyRef" in e.get("valueFrom", {})} == {secret}
         assert "checksum/secret" in deployment["spec"]["template"]["metadata"]["annotations"]
 
-        # The operator, as the Deployment would run it.
+        # The operator, as the StatefulSet would run it.
         config = json.loads(kube.kubectl("-n", system, "get", "configmap", release, "-o", "json").stdout)["data"]
         local_bundle = tmp_path / "ca.crt"
         local_bundle.write_text(bundle)
         operator.stop()
         operator.env = {**{k: v for k, v in saved_env.items() if not k.startswith("PRIVATEFM_")},
                         **config, "PRIVATEFM_HTTP_PORT": str(operator.port),
+                        "PRIVATEFM_LEASE_NAMESPACE": system,  # the Pod's own namespace: it holds its Lease
                         "PRIVATEFM_S3_ACCESS_KEY": s3.operator.access_key,
                         "PRIVATEFM_S3_SECRET_KEY": s3.operator.secret_key,
                         "AWS_CA_BUNDLE": str(local_bundle)}

@@ -7,6 +7,7 @@ approved and the delay passed.
 AdapterMerges are looked at on resume and create; their Jobs' events drive them afterwards.
 No timer watches AdapterMerges, so they carry no kopf finalizer and never block namespace deletion.
 The clients and reconcilers are built once, at start-up, and kept in kopf's ``memo``.
+With shards, every handler sees only this shard's learners and what lives in their namespaces.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +29,7 @@ from privatefm_operator.reconcilers.children import WATCHED
 from privatefm_operator.settings import Settings
 
 SETTINGS = Settings()  # read at import: the timer's interval is fixed when the handlers register
+SHARD = SETTINGS.shard(socket.gethostname())  # the learners this process acts on (``sharding``)
 LNS = (GROUP, VERSION, "learnernamespaces")
 AM = (GROUP, VERSION, "adaptermerges")
 OURS = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
@@ -34,6 +37,18 @@ OUR_CRDS = frozenset({f"learnernamespaces.{GROUP}", f"adaptermerges.{GROUP}"})
 LIVENESS_URL = f"http://127.0.0.1:{SETTINGS.liveness_port}/healthz"  # kopf's own, on loopback only
 RESTART = threading.Event()  # set: kopf stops, and __main__ starts it afresh
 log = logging.getLogger("privatefm.operator")
+
+
+def _our_learner(spec: kopf.Spec, **_: Any) -> bool:
+    """kopf filter: the learner is this shard's. Other shards' learners are invisible here: no
+    handler, no state, no finalizer (each shard has its own, ``Shard.finalizer``)."""
+    return SHARD.owns_learner(str(spec.get("learnerId", "")))
+
+
+def _in_our_shard(body: kopf.Body, **_: Any) -> bool:
+    """kopf filter for what lives in (or is) a learner namespace: that learner is this shard's."""
+    meta = body.get("metadata", {})
+    return SHARD.owns_namespace(meta.get("namespace") or meta.get("name", ""))
 
 
 def _retrying(call: Callable[[], None]) -> None:
@@ -46,11 +61,11 @@ def _retrying(call: Callable[[], None]) -> None:
 @kopf.on.startup()
 def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
-    settings.persistence.finalizer = f"{GROUP}/operator"
+    settings.persistence.finalizer = SHARD.finalizer
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 8
-    memo.reconcilers = reconcilers.build(SETTINGS)
+    memo.reconcilers = reconcilers.build(SETTINGS, SHARD)
     # Shared by every object's memo (kopf gives each object a shallow copy of this one, and a
     # re-created CRD is a new object): the uid each of our CRDs had when first seen.
     memo.crd_uids = {}
@@ -77,15 +92,15 @@ def cleanup(memo: kopf.Memo, **_: Any) -> None:
         memo.http.server_close()
 
 
-@kopf.on.resume(*LNS)
-@kopf.on.create(*LNS)
-@kopf.on.update(*LNS, field="spec")
+@kopf.on.resume(*LNS, when=_our_learner)
+@kopf.on.create(*LNS, when=_our_learner)
+@kopf.on.update(*LNS, field="spec", when=_our_learner)
 @metrics.timed("learnernamespace")
 def learner_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     _retrying(lambda: memo.reconcilers.learners.reconcile(parse(LearnerNamespace, body)))
 
 
-@kopf.timer(*LNS, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
+@kopf.timer(*LNS, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds, when=_our_learner)
 @metrics.timed("learnernamespace")
 def learner_resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     _retrying(lambda: memo.reconcilers.learners.resync(parse(LearnerNamespace, body)))
@@ -94,7 +109,7 @@ def learner_resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 def _watch_children(kind: str, group: str, version: str, plural: str) -> None:
     """A watch on one kind of the learners' children: what it shows is remembered, and a child that
     drifted from its spec or vanished has its learner reconciled at once (``reconcilers.children``)."""
-    @kopf.on.event(group, version, plural, labels=OURS, id=f"children-{plural}")
+    @kopf.on.event(group, version, plural, labels=OURS, id=f"children-{plural}", when=_in_our_shard)
     async def child_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
         """Async: most events (our own applies' echoes, status updates) need a comparison and
         nothing else, so they do not take one of the workers the reconciles run in."""
@@ -123,7 +138,7 @@ if SETTINGS.kueue_cluster_queue:  # the operator makes each learner's LocalQueue
     _watch_children("LocalQueue", "kueue.x-k8s.io", "v1beta2", "localqueues")
 
 
-@kopf.on.delete(*LNS)
+@kopf.on.delete(*LNS, when=_our_learner)
 def learner_deleting(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Runs until the guardian finalizer is released; kopf calls it again after each delay."""
     def go() -> None:
@@ -134,14 +149,14 @@ def learner_deleting(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> N
     _retrying(go)
 
 
-@kopf.on.resume(*AM)
-@kopf.on.create(*AM)
+@kopf.on.resume(*AM, when=_in_our_shard)
+@kopf.on.create(*AM, when=_in_our_shard)
 @metrics.timed("adaptermerge")
 def merge(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     _retrying(lambda: memo.reconcilers.merges.reconcile(parse(AdapterMerge, body)))
 
 
-@kopf.on.event("batch", "v1", "jobs", labels=OURS)
+@kopf.on.event("batch", "v1", "jobs", labels=OURS, when=_in_our_shard)
 @metrics.timed("job")
 def job_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
     if type == "DELETED":

@@ -34,6 +34,7 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "LearnerNamespace": ("/apis/privatefm.io/v1alpha1", "learnernamespaces", False),
     "AdapterMerge": ("/apis/privatefm.io/v1alpha1", "adaptermerges", True),
     "LocalQueue": ("/apis/kueue.x-k8s.io/v1beta2", "localqueues", True),
+    "Lease": ("/apis/coordination.k8s.io/v1", "leases", True),
 }
 
 

@@ -43,6 +43,8 @@ DRIFT_REPAIRS = Counter("privatefm_drift_repairs_total", "Learner passes started
 ACCEPT_BYTES_READ = Counter("privatefm_accept_bytes_read_total", "Checkpoint bytes the operator read to accept "
                             "merges (0 where the store kept SHA-256 checksums at upload)")
 MERGE_QUEUE = Gauge("privatefm_merge_queue_waiting", "Merge runs waiting for a slot under mergeConcurrency")
+SHARD_HELD = Gauge("privatefm_shard_held", "1 while this process holds its shard's Lease and acts on its learners; "
+                   "0 while it stands by", ["shard"])
 CHECKPOINTS_PRUNED = Counter("privatefm_checkpoints_pruned_total", "Checkpoint versions deleted by retention")
 CHECKPOINT_BYTES_PRUNED = Counter("privatefm_checkpoint_bytes_pruned_total",
                                   "Bytes of checkpoints deleted by retention")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from privatefm_operator.schedules import Window
+from privatefm_operator.sharding import Shard, ordinal
 
 
 class Settings(BaseSettings):
@@ -96,6 +98,22 @@ class Settings(BaseSettings):
                                                                            "learner's children are applied and its "
                                                                            "open runs looked at, whatever the "
                                                                            "watches said (jittered by up to +25%)")
+    # Sharding and standbys (sharding, leases)
+    shards: int = Field(default=1, ge=1, description="How many shards the learners are split into (by a stable "
+                                                     "hash of their learnerId); each is run by one process at a "
+                                                     "time")
+    shard_index: int = Field(default=-1, ge=-1, description="The shard this process serves; -1: its StatefulSet "
+                                                            "ordinal (from the host name) modulo shards")
+    lease_namespace: str = Field(default="", description="Where the shards' Leases live (the operator's own "
+                                                         "namespace); empty: no Lease, for a single process "
+                                                         "outside a cluster")
+    lease_duration_seconds: float = Field(default=15.0, gt=0, description="A shard's Lease is free once its "
+                                                                         "holder has not renewed it this long")
+    lease_renew_deadline_seconds: float = Field(default=10.0, gt=0, description="A holder that could not renew "
+                                                                               "for this long exits, before "
+                                                                               "anyone may take its shard")
+    lease_retry_seconds: float = Field(default=2.0, gt=0, description="How often a Lease is renewed, or tried "
+                                                                     "by a standby")
     http_port: int = Field(default=8080, description="/metrics, /healthz, /readyz")
     liveness_port: int = Field(default=8081, description="kopf's own liveness endpoint, on 127.0.0.1 only; "
                                                          "/healthz asks it")
@@ -106,12 +124,31 @@ class Settings(BaseSettings):
             raise ValueError("kueue_cluster_queue needs kueue_queue_name: the LocalQueue it would back")
         return self
 
+    @model_validator(mode="after")
+    def _leases(self) -> Settings:
+        if not self.lease_retry_seconds < self.lease_renew_deadline_seconds < self.lease_duration_seconds:
+            raise ValueError("lease settings need retry < renew deadline < duration")
+        if self.shard_index >= self.shards:
+            raise ValueError(f"shard_index {self.shard_index} is not below shards ({self.shards})")
+        if self.shards > 1 and not self.lease_namespace:
+            raise ValueError("more than one shard needs lease_namespace: each shard is held through a Lease")
+        return self
+
     @field_validator("default_schedule_window")
     @classmethod
     def _a_window(cls, value: str) -> str:
         Window.parse(value)  # raises, naming the setting, when the operator starts
         return value
 
-    @property
+    def shard(self, hostname: str) -> Shard:
+        """This process's shard: shard_index, or else the StatefulSet ordinal in ``hostname``."""
+        if self.shard_index >= 0:
+            return Shard(self.shard_index, self.shards)
+        replica = ordinal(hostname)
+        if replica is None and self.shards > 1:
+            raise ValueError(f"host name {hostname!r} has no StatefulSet ordinal: set shard_index")
+        return Shard.of_replica(replica or 0, self.shards)
+
+    @functools.cached_property
     def schedule_window(self) -> Window:
         return Window.parse(self.default_schedule_window)

@@ -17,6 +17,7 @@ from privatefm_operator.reconcilers.merge import MergeReconciler
 from privatefm_operator.reconcilers.retention import Retention
 from privatefm_operator.reconcilers.verify import VerifyChecks
 from privatefm_operator.settings import Settings
+from privatefm_operator.sharding import Shard
 from privatefm_operator.storage import Storage
 
 
@@ -30,10 +31,10 @@ class Reconcilers:
     verify: VerifyChecks
 
 
-def build(settings: Settings) -> Reconcilers:
+def build(settings: Settings, shard: Shard | None = None) -> Reconcilers:
     """The shared clients, made once (at operator start-up), and the reconcilers that use them."""
     clients = Clients(Kube(), Storage(settings), settings)
-    learners = LearnerReconciler(clients)
+    learners = LearnerReconciler(clients, (shard or Shard()).finalizer)
     merges = MergeReconciler(clients, learners)
     learners.merges = merges
     learners.verify = VerifyChecks(clients)

@@ -61,6 +61,7 @@ from privatefm_operator.reconcilers.base import (
 )
 from privatefm_operator.reconcilers.children import Children
 from privatefm_operator.reconcilers.verify import VerifyChecks, VerifyConflict
+from privatefm_operator.sharding import KOPF_FINALIZER, owner_finalizers
 from privatefm_operator.storage import CredentialsDenied
 
 if TYPE_CHECKING:
@@ -128,8 +129,9 @@ def _fetch(clients: Clients, name: str) -> LearnerNamespace | Invalid:
 
 
 class LearnerReconciler:
-    def __init__(self, clients: Clients) -> None:
+    def __init__(self, clients: Clients, kopf_finalizer: str = KOPF_FINALIZER) -> None:
         self.clients = clients
+        self.kopf_finalizer = kopf_finalizer  # this shard's (``sharding.Shard.finalizer``)
         self.merges: MergeReconciler | None = None  # set once both exist (they refer to each other)
         self.verify: VerifyChecks | None = None
         self.retention: Retention | None = None  # set by build()
@@ -219,13 +221,16 @@ class LearnerReconciler:
         return Step.CONTINUE
 
     def hold(self, scope: LearnerScope) -> Step:
-        """Every learner carries the guardian finalizer: a delete only marks it for a guardian's approval."""
+        """Every learner carries the guardian finalizer: a delete only marks it for a guardian's approval.
+        kopf finalizers of an earlier shard count are dropped: their shards no longer exist."""
         assert isinstance(scope.lns, LearnerNamespace)
         finalizers = scope.lns.metadata.get("finalizers") or []
-        if naming.GUARDIAN_FINALIZER not in finalizers:
+        wanted = owner_finalizers(finalizers, self.kopf_finalizer)
+        if naming.GUARDIAN_FINALIZER not in wanted:
+            wanted.append(naming.GUARDIAN_FINALIZER)
+        if wanted != finalizers:
             body = self.clients.kube.patch("LearnerNamespace", scope.lns.name, {"metadata": {
-                "finalizers": [*finalizers, naming.GUARDIAN_FINALIZER],
-                "resourceVersion": scope.lns.metadata["resourceVersion"]}})
+                "finalizers": wanted, "resourceVersion": scope.lns.metadata["resourceVersion"]}})
             scope.lns = parse(LearnerNamespace, body)
         return Step.CONTINUE
 

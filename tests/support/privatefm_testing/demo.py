@@ -5,7 +5,7 @@ On a real node (the default, ``--pods=node``):
 1. start the local control plane, MinIO and a node (containerd, runc, kubelet, kube-scheduler),
    building the operator and merge images from the Dockerfiles when they changed;
 2. publish a small base model to S3 (as the publisher); ``helm install`` the chart: the operator
-   runs as the chart's Deployment, a real pod in the operator image, with its probes;
+   runs as the chart's StatefulSet, a real pod in the operator image, with its probes;
 3. apply the sample LearnerNamespace, upload the learner's adapter, request a merge: a real merge
    pod in the merge image, restricted, as uid 65532; then let the CronJob fire a scheduled merge;
 4. show ``kubectl get lns,am -A`` (verified v1 and v2), ``kubectl logs`` of the merge pod, and
@@ -87,7 +87,7 @@ def chart_values(state: ClusterState) -> dict[str, Any]:
 
 def install_chart(state: ClusterState, kubectl: Kubectl, directory: Path) -> None:
     """The operator as a platform team installs it: its namespace (Pod Security restricted), the
-    store keys in a Secret of its own, then the chart (CRDs, RBAC, admission policies, Deployment)."""
+    store keys in a Secret of its own, then the chart (CRDs, RBAC, admission policies, StatefulSet)."""
     s3 = state.s3
     kubectl("create", "namespace", SYSTEM, show=True)
     kubectl("label", "namespace", SYSTEM, "pod-security.kubernetes.io/enforce=restricted", show=True)
@@ -152,9 +152,9 @@ def run(directory: Path, keep: bool, pods: str, leave_running: bool = False) -> 
         print("    " + seed.publish_base(s3.publisher.client(retries=3), s3.bucket, version=1))
 
         if node:
-            step("helm install privatefm-operator: the operator runs as the chart's Deployment on the node")
+            step("helm install privatefm-operator: the operator runs as the chart's StatefulSet on the node")
             install_chart(state, kubectl, directory)
-            kubectl("-n", SYSTEM, "get", "deployment,pods", "-o", "wide", show=True)
+            kubectl("-n", SYSTEM, "get", "statefulset,pods", "-o", "wide", show=True)
         else:
             operator, runner = start_operator_process(state, kubectl, directory)
 
