@@ -25,7 +25,7 @@ import threading
 import zlib
 from typing import Any
 
-from privatefm_operator import decisions
+from privatefm_operator import decisions, naming
 
 Key = tuple[str, str, str]  # kind, namespace ("" for cluster-scoped), name
 WATCHED = {  # kind: (API group, version, plural)
@@ -42,6 +42,10 @@ def key_of(kind: str, meta: dict[str, Any]) -> Key:
     return kind, meta.get("namespace") or "", meta["name"]
 
 
+def _digest(obj: dict[str, Any]) -> str:
+    return str((obj["metadata"].get("annotations") or {}).get(naming.DESIRED_HASH) or decisions.desired_hash(obj))
+
+
 def _pack(obj: dict[str, Any]) -> bytes:
     return zlib.compress(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
 
@@ -49,19 +53,20 @@ def _pack(obj: dict[str, Any]) -> bytes:
 class Children:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._asked: dict[Key, tuple[str, bytes]] = {}  # learner, the request (packed)
+        self._asked: dict[Key, tuple[str, str, bytes]] = {}  # learner, the request's digest, the request (packed)
         self._satisfied: dict[Key, bool] = {}           # the last copy seen is what was asked
         self._namespaces: dict[str, dict[str, Any]] = {}  # name: {"labels", "phase"} as last seen
 
     # ---- provisioning ------------------------------------------------------------------------
     def needs_apply(self, desired: dict[str, Any]) -> str | None:
-        """Why ``desired`` must be applied (``unseen``, ``changed``, ``drifted``), or None."""
+        """Why ``desired`` must be applied (``unseen``, ``changed``, ``drifted``), or None.
+        ``desired`` carries its digest (``decisions.with_desired_hash``): comparing it is enough."""
         key = key_of(desired["kind"], desired["metadata"])
         with self._lock:
             asked = self._asked.get(key)
             if asked is None or key not in self._satisfied:
                 return "unseen"
-            if asked[1] != _pack(desired):
+            if asked[1] != _digest(desired):
                 return "changed"
             return None if self._satisfied[key] else "drifted"
 
@@ -69,7 +74,7 @@ class Children:
         """Records an apply and what the API server answered."""
         key = key_of(desired["kind"], desired["metadata"])
         with self._lock:
-            self._asked[key] = (learner, _pack(desired))
+            self._asked[key] = (learner, _digest(desired), _pack(desired))
             self._satisfied[key] = decisions.satisfies(desired, result)
             if desired["kind"] == "Namespace":
                 self._see_namespace(result)
@@ -92,7 +97,7 @@ class Children:
             asked = self._asked.get(key)
             if asked is None:
                 return None  # not asked for by this process yet: the learner's own pass compares
-            learner, packed = asked
+            learner, _, packed = asked
             ok = not deleted and decisions.satisfies(json.loads(zlib.decompress(packed)), body)
             self._satisfied[key] = ok
         return None if ok else learner
@@ -100,7 +105,7 @@ class Children:
     def forget(self, learner: str) -> None:
         """A learner is gone: nothing of it is kept any longer."""
         with self._lock:
-            for key in [k for k, (owner, _) in self._asked.items() if owner == learner]:
+            for key in [k for k, (owner, _, _) in self._asked.items() if owner == learner]:
                 self._asked.pop(key, None)
                 self._satisfied.pop(key, None)
                 if key[0] == "Namespace":
