@@ -7,6 +7,7 @@
 #   helm                                               go install helm.sh/helm/v3/cmd/helm
 #   minio (S3 server enforcing IAM/STS policies)       go install github.com/minio/minio
 #   promtool (checks and tests the alerting rules)     go install github.com/prometheus/prometheus/cmd/promtool
+#   kueue (a real Kueue controller manager)            go install sigs.k8s.io/kueue/cmd/kueue
 #   etcd                                               Debian's etcd-server (3.4.23 supports k8s <= 1.33)
 set -euo pipefail
 
@@ -110,6 +111,19 @@ if [[ ! -x "$promtool_dir/promtool" ]]; then
     "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION"
 fi
 ln -sf "$promtool_dir/promtool" "$BIN/promtool"
+
+# Kueue's controller manager and its CRDs (tests/test_kueue.py; privatefm_testing/kueue.py runs it).
+kueue_dir="$CACHE/kueue-$KUEUE_VERSION"
+if [[ ! -x "$kueue_dir/kueue" || ! -d "$kueue_dir/crds" ]]; then
+  log "go install sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION"
+  rm -rf "$kueue_dir.tmp" && mkdir -p "$kueue_dir.tmp/crds"
+  GOBIN="$kueue_dir.tmp" go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION"
+  kueue_src="$(GOFLAGS= go mod download -json "sigs.k8s.io/kueue@$KUEUE_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
+  cp "$kueue_src"/config/components/crd/bases/*.yaml "$kueue_dir.tmp/crds/"
+  rm -rf "$kueue_dir" && mv "$kueue_dir.tmp" "$kueue_dir"
+fi
+ln -sf "$kueue_dir/kueue" "$BIN/kueue"
+ln -sfn "$kueue_dir/crds" "$BIN/kueue-crds"
 
 if ! command -v etcd >/dev/null 2>&1; then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
