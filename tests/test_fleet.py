@@ -168,8 +168,8 @@ def test_hashed_schedules_resolve_per_learner_and_the_cronjob_takes_them(
 def test_with_kueue_the_operator_prepares_the_job_and_leaves_admission_to_kueue(
         kube: Kube, s3: S3Info, operator: OperatorProcess, uid: str) -> None:
     """Kueue's contract for a batch/v1 Job: a suspended Job labelled kueue.x-k8s.io/queue-name is
-    Kueue's to admit, by un-suspending it. No Kueue controller runs here (docs/operator.md says why);
-    the test plays Kueue's part, exactly that un-suspension."""
+    Kueue's to admit, by un-suspending it. This test plays Kueue's part, exactly that un-suspension,
+    to pin the contract; tests/test_kueue.py runs a real Kueue."""
     with operator.restarted(PRIVATEFM_KUEUE_QUEUE_NAME="merges", PRIVATEFM_MERGE_CONCURRENCY="1"):
         learner = make_learner(kube, s3, f"kueue-{uid}", f"k{uid}")
         try:
