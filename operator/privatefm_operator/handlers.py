@@ -64,7 +64,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.finalizer = SHARD.finalizer
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
-    settings.execution.max_workers = 8
+    settings.execution.max_workers = SETTINGS.workers
     memo.reconcilers = reconcilers.build(SETTINGS, SHARD)
     # Shared by every object's memo (kopf gives each object a shallow copy of this one, and a
     # re-created CRD is a new object): the uid each of our CRDs had when first seen.

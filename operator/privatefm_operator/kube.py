@@ -39,13 +39,17 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
 
 
 class Kube:
-    def __init__(self, api: client.ApiClient | None = None) -> None:
+    def __init__(self, api: client.ApiClient | None = None, connections: int = 32) -> None:
+        """``connections``: kept open to the API server; at least the reconcile threads, or each
+        thread past the pool's size would open (and close) a TLS connection per request."""
         if api is None:
             try:
                 config.load_incluster_config()
             except config.ConfigException:
                 config.load_kube_config()
-            api = client.ApiClient()
+            configuration = client.Configuration.get_default_copy()
+            configuration.connection_pool_maxsize = connections
+            api = client.ApiClient(configuration)
         self.api = api
 
     # ---- generic REST ----------------------------------------------------------------------

@@ -114,6 +114,9 @@ class Settings(BaseSettings):
                                                                                "anyone may take its shard")
     lease_retry_seconds: float = Field(default=2.0, gt=0, description="How often a Lease is renewed, or tried "
                                                                      "by a standby")
+    workers: int = Field(default=16, ge=1, le=256,
+                         description="Threads the reconciles run in. A reconcile waits on the API server and the "
+                                     "store most of its time, so more threads than cores keep both busy")
     http_port: int = Field(default=8080, description="/metrics, /healthz, /readyz")
     liveness_port: int = Field(default=8081, description="kopf's own liveness endpoint, on 127.0.0.1 only; "
                                                          "/healthz asks it")

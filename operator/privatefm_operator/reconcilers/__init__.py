@@ -33,7 +33,7 @@ class Reconcilers:
 
 def build(settings: Settings, shard: Shard | None = None) -> Reconcilers:
     """The shared clients, made once (at operator start-up), and the reconcilers that use them."""
-    clients = Clients(Kube(), Storage(settings), settings)
+    clients = Clients(Kube(connections=settings.workers + 8), Storage(settings), settings)
     learners = LearnerReconciler(clients, (shard or Shard()).finalizer)
     merges = MergeReconciler(clients, learners)
     learners.merges = merges
