@@ -21,6 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 import kopf
+import urllib3
+from kubernetes.client.exceptions import ApiException
 
 from privatefm_operator import decisions, logs, metrics, naming, reconcilers
 from privatefm_operator.api import GROUP, VERSION, AdapterMerge, LearnerNamespace, MergeTrigger
@@ -51,11 +53,26 @@ def _in_our_shard(body: kopf.Body, **_: Any) -> bool:
     return SHARD.owns_namespace(meta.get("namespace") or meta.get("name", ""))
 
 
+UNAVAILABLE_DELAY = 5.0  # seconds: the API server (or etcd behind it) is away, restarting or overloaded
+
+
+def _unavailable(err: BaseException) -> bool:
+    """The API server cannot be reached or cannot answer right now: worth a quick retry, unlike a
+    refusal or a bug (kopf's own retry of those waits a minute)."""
+    if isinstance(err, ApiException):
+        return err.status in (429, 500, 502, 503, 504)
+    return isinstance(err, urllib3.exceptions.HTTPError)
+
+
 def _retrying(call: Callable[[], None]) -> None:
     try:
         call()
     except RetryLater as err:
         raise kopf.TemporaryError(str(err), delay=err.delay) from err
+    except Exception as err:
+        if _unavailable(err):
+            raise kopf.TemporaryError(f"the API server is unavailable: {err}", delay=UNAVAILABLE_DELAY) from err
+        raise
 
 
 @kopf.on.startup()
@@ -128,7 +145,9 @@ def _watch_children(kind: str, group: str, version: str, plural: str) -> None:
 def _repair(learners: Any, name: str) -> None:
     try:
         learners.repair(name)
-    except RetryLater as err:  # an event handler is not retried by kopf: the next resync will be
+    except Exception as err:  # an event handler is not retried by kopf: the next resync will be
+        if not isinstance(err, RetryLater) and not _unavailable(err):
+            raise
         log.warning("drift repair of %s deferred: %s", name, err)
 
 
@@ -163,7 +182,9 @@ def job_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> N
         return
     try:
         memo.reconcilers.jobs.on_job(body)
-    except RetryLater as err:  # an event handler is not retried by kopf: the learner's sweep will be
+    except Exception as err:  # an event handler is not retried by kopf: the learner's sweep will be
+        if not isinstance(err, RetryLater) and not _unavailable(err):
+            raise
         log.warning("job event deferred: %s", err)
 
 

@@ -12,6 +12,7 @@ import time
 import uuid
 from typing import Any
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from privatefm_merge.clock import rfc3339
@@ -154,6 +155,8 @@ class Kube:
             self._call("POST", self._path("Event", namespace), body=body)
         except ApiException as err:
             log.warning("could not post event %s: %s", reason, err.reason)
+        except urllib3.exceptions.HTTPError as err:  # the API server is away: the event is lost, not the work
+            log.warning("could not post event %s: %s", reason, err)
 
 
 def api_message(err: ApiException) -> str:

@@ -6,6 +6,10 @@ ValidatingAdmissionPolicy, service-account token signing), kube-controller-manag
 MinIO (S3 that enforces IAM and STS session policies) from the binaries ``scripts/build-tools.sh``
 builds. Every process runs in its own process group and is stopped with the cluster;
 the PIDs are recorded in ``<dir>/cluster.json`` so another shell can stop it too.
+
+A chaos test may stop and start etcd, kube-apiserver or MinIO on its own (``restart``,
+``stop_component``, ``start_component``): each comes back with the same flags, ports, certificates
+and data, and the recorded PIDs follow it.
 """
 
 from __future__ import annotations
@@ -46,18 +50,21 @@ CONTROLLERS = (
 NODE_CONTROLLERS = (
     "node-lifecycle-controller",
     "deployment-controller",
+    "statefulset-controller",
     "replicaset-controller",
     "endpoints-controller",
     "endpointslice-controller",
     "pod-garbage-collector-controller",
 )
 ADMIN_USER = "privatefm-admin"
+# The components a test may stop and start again (``LocalCluster.restart``).
+RESTARTABLE = ("etcd", "kube-apiserver", "minio")
 
 
 def ensure_tools() -> Path:
     """Builds whatever component is missing (cached under ~/.cache) and returns the bin dir."""
     wanted = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm", "minio", "kubelet",
-              "kube-scheduler")
+              "kube-scheduler", "kueue")
     if not all((BIN / name).exists() for name in wanted):
         subprocess.run(["bash", str(REPO_ROOT / "scripts" / "build-tools.sh")], check=True)
     return BIN
@@ -209,6 +216,11 @@ class LocalCluster:
         self.bin = BIN
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self.state: ClusterState | None = None
+        # What a restart needs to bring a component back exactly as it was.
+        self._etcd_ports: tuple[int, int] | None = None
+        self._apiserver_port: int | None = None
+        self._sa_key: Path | None = None
+        self._minio: Any = None  # the MinioServer
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self, timeout: float = 120.0) -> ClusterState:
@@ -321,7 +333,8 @@ class LocalCluster:
         return proc
 
     def _start_etcd(self) -> None:
-        client, peer = free_port(), free_port()
+        client, peer = self._etcd_ports or (free_port(), free_port())
+        self._etcd_ports = (client, peer)
         self.etcd_url = f"http://127.0.0.1:{client}"
         self._spawn("etcd", [
             self.bin / "etcd", "--name", "privatefm", "--data-dir", self.dir / "etcd",
@@ -333,7 +346,8 @@ class LocalCluster:
         ])
 
     def _start_apiserver(self, sa_key: Path, timeout: float) -> str:
-        port = free_port()
+        port = self._apiserver_port or free_port()
+        self._apiserver_port, self._sa_key = port, sa_key
         self._spawn("kube-apiserver", [
             self.bin / "kube-apiserver",
             "--etcd-servers", self.etcd_url,
@@ -409,9 +423,100 @@ class LocalCluster:
         root = server.start(timeout)
         assert server.proc is not None
         self._procs["minio"] = server.proc
+        self._minio = server
         return S3Info(endpoint=server.endpoint, bucket=self.bucket, root=root,
                       operator=server.add_user("privatefm-operator", operator_policy(self.bucket)),
                       publisher=server.add_user("privatefm-publisher", publisher_policy(self.bucket)))
+
+    # ---- chaos: one component down and up again ----------------------------------------------
+    def restart(self, component: str, *, hard: bool = False, timeout: float = 120.0) -> int:
+        """Stops ``component`` (etcd, kube-apiserver or minio) and starts it again with the same
+        flags, ports, certificates and data; returns when it (and, for etcd, the API server above it)
+        answers again. ``hard``: SIGKILL, as a crash, rather than SIGTERM. Returns the new PID."""
+        self.stop_component(component, hard=hard)
+        return self.start_component(component, timeout=timeout)
+
+    def restart_apiserver(self, *, hard: bool = False, timeout: float = 120.0) -> int:
+        return self.restart("kube-apiserver", hard=hard, timeout=timeout)
+
+    def restart_etcd(self, *, hard: bool = False, timeout: float = 120.0) -> int:
+        return self.restart("etcd", hard=hard, timeout=timeout)
+
+    def stop_component(self, component: str, *, hard: bool = False, grace: float = 20.0) -> None:
+        """Stops one component (its whole process group) and reaps it; the cluster's record of
+        PIDs drops it until ``start_component`` brings it back."""
+        self._check_restartable(component)
+        proc = self._procs.get(component)
+        if proc is None:
+            raise RuntimeError(f"{component} is not running")
+        if hard:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        stop_pids([proc.pid], grace)
+        proc.wait(timeout=10)
+        if pid_alive(proc.pid):
+            raise RuntimeError(f"{component} (pid {proc.pid}) is still running")
+        del self._procs[component]
+        if component == "minio" and self._minio is not None:
+            self._minio.proc = None
+        self._save_pids()
+
+    def start_component(self, component: str, *, timeout: float = 120.0) -> int:
+        """Starts a component that ``stop_component`` stopped, exactly as it first ran, and waits
+        until it answers. Returns its PID."""
+        self._check_restartable(component)
+        if component in self._procs:
+            raise RuntimeError(f"{component} is already running (pid {self._procs[component].pid})")
+        assert self.state is not None
+        try:
+            if component == "etcd":
+                self._start_etcd()
+                self._wait("etcd", lambda: urllib.request.urlopen(f"{self.etcd_url}/health", timeout=2).status
+                           == 200, timeout)
+                if "kube-apiserver" in self._procs:  # the API server reconnects by itself; wait for it
+                    self._wait_apiserver(self.state.server, self.state.token, timeout)
+            elif component == "kube-apiserver":
+                assert self._sa_key is not None
+                self._start_apiserver(self._sa_key, timeout)
+                self._wait_apiserver(self.state.server, self.state.token, timeout)
+            else:
+                self._start_minio_again(timeout)
+        finally:
+            self._save_pids()  # also a component that failed to come up: stop() must find it
+        return self._procs[component].pid
+
+    def _check_restartable(self, component: str) -> None:
+        if component not in RESTARTABLE:
+            raise ValueError(f"{component!r}: only {', '.join(RESTARTABLE)} can be restarted")
+        if component != "minio" and not self.kubernetes:
+            raise ValueError(f"{component!r}: this cluster runs only the S3 server")
+
+    def _start_minio_again(self, timeout: float) -> None:
+        """MinIO on its old address, data directory and root credentials (``MinioServer.start`` picks
+        new ports and makes the bucket); its users, policies and objects are in the data directory."""
+        from privatefm_testing.minio import ensure_minio
+
+        server = self._minio
+        assert server is not None and server.endpoint
+        root = server.root
+        address = server.endpoint.removeprefix("http://")
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("MINIO_")}
+        env = {**inherited, "MINIO_ROOT_USER": root.access_key, "MINIO_ROOT_PASSWORD": root.secret_key,
+               "MINIO_BROWSER": "off", "MINIO_UPDATE": "off", "MINIO_REGION": REGION, "HOME": str(server.dir)}
+        with open(self.dir / "logs" / "minio.log", "ab") as log:
+            proc = subprocess.Popen(
+                [str(ensure_minio()), "server", str(server.dir / "data"), "--address", address,
+                 "--console-address", f"{self.host}:{free_port()}", "--quiet"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True, cwd=server.dir)
+        self._procs["minio"] = server.proc = proc
+        url = f"{server.endpoint}/minio/health/ready"
+        self._wait("minio", lambda: urllib.request.urlopen(url, timeout=2).status == 200, timeout)
+
+    def _save_pids(self) -> None:
+        if self.state is not None:
+            self.state.pids = {name: p.pid for name, p in self._procs.items()}
+            self.state.save()
 
     def _wait(self, name: str, probe: Any, timeout: float) -> None:
         deadline = time.monotonic() + timeout
