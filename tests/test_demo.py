@@ -72,8 +72,8 @@ def test_main_job_on_the_node_merges_as_real_pods_and_leaves_nothing(tmp_path: P
         kube = Kube(kubeconfig=Path(state.kubeconfig), workdir=tmp_path)
 
         # The operator is the chart's StatefulSet: a real pod of the operator image, Ready by its probes.
-        deployment = get(kube, "deployment", RELEASE, "-n", SYSTEM)
-        assert deployment["status"].get("readyReplicas") == 1, deployment["status"]
+        statefulset = get(kube, "statefulset", RELEASE, "-n", SYSTEM)
+        assert statefulset["status"].get("readyReplicas") == 1, statefulset["status"]
         (pod,) = get(kube, "pods", "-n", SYSTEM, "-l", "app.kubernetes.io/name=privatefm-operator")["items"]
         (container,) = pod["spec"]["containers"]
         assert container["image"] == state.node["images"]["operator"]

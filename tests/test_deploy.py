@@ -521,7 +521,7 @@ def test_helm_install_is_restricted_and_least_privilege(kube: Kube, namespace: s
     try:
         assert "STATUS: deployed" in proc.stdout
         assert "PodSecurity" not in proc.stderr, proc.stderr
-        deployment = json.loads(kube.kubectl("-n", namespace, "get", "deployment", release + "-privatefm-operator",
+        deployment = json.loads(kube.kubectl("-n", namespace, "get", "statefulset", release + "-privatefm-operator",
                                              "-o", "json").stdout)
 
         # Pod Security is enforced on Pods, not on StatefulSets: the StatefulSet's Pod must be admitted
