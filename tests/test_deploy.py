@@ -488,7 +488,7 @@ def test_kustomize_is_accepted_by_the_api_server(kube: Kube) -> None:
         proc = kube.kubectl("apply", "--dry-run=server", "-k", str(MANIFESTS))
         assert "(server dry run)" in proc.stdout
         assert "PodSecurity" not in proc.stderr, proc.stderr
-        assert "deployment.apps/privatefm-operator" in proc.stdout
+        assert "statefulset.apps/privatefm-operator" in proc.stdout
     finally:
         if created:
             kube.kubectl("delete", "namespace", "privatefm-system", "--wait=false", check=False)
