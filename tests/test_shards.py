@@ -44,7 +44,7 @@ class Processes:
 
     def __init__(self, operator: OperatorProcess, tmp: Path) -> None:
         self.base = {k: v for k, v in operator.env.items() if k.startswith("PRIVATEFM_")}
-        self.kubeconfig, self.s3, self.tmp = Path(operator.env["KUBECONFIG"]), None, tmp
+        self.kubeconfig, self.tmp = Path(operator.env["KUBECONFIG"]), tmp
         self.started: list[OperatorProcess] = []
 
     def start(self, s3: S3Info, name: str, **settings: str) -> OperatorProcess:

@@ -49,6 +49,7 @@ class ShardLease:
         self.duration, self.renew_deadline, self.retry, self.clock = duration, renew_deadline, retry, clock
         self.observer = LeaseObserver()
         self._renewed = 0.0
+        self._version = ""  # the resourceVersion of this process's last write of its Lease
         self._stop = threading.Event()
 
     # ---- acquire ---------------------------------------------------------------------------
@@ -87,8 +88,10 @@ class ShardLease:
             return f"shard {self.shard.index} is held by {mine.holder}"
         try:
             if mine is None:
-                if self.kube.create(self._lease(transitions=0)) is None:
+                created = self.kube.create(self._lease(transitions=0))
+                if created is None:
                     return "another process created the Lease first"
+                self._version = created["metadata"]["resourceVersion"]
             else:
                 self._write(mine.resource_version, transitions=mine.transitions + (mine.holder != self.identity))
         except ApiException as err:
@@ -105,11 +108,17 @@ class ShardLease:
         def run() -> None:
             while not self._stop.wait(self.retry):
                 try:
-                    lease = self.kube.get("Lease", self.shard.lease, self.namespace)
-                    holder = ((lease or {}).get("spec") or {}).get("holderIdentity")
-                    if lease is None or holder != self.identity:
-                        return lost(f"the Lease {self.shard.lease} is now held by {holder!r}")
-                    self._write(lease["metadata"]["resourceVersion"])
+                    try:  # one request: the write carries the version this process last wrote
+                        self._write(self._version)
+                    except ApiException as err:
+                        if err.status not in (404, 409):
+                            raise
+                        # Written (or deleted) by someone else since: whose is it now?
+                        lease = self.kube.get("Lease", self.shard.lease, self.namespace)
+                        holder = ((lease or {}).get("spec") or {}).get("holderIdentity")
+                        if lease is None or holder != self.identity:
+                            return lost(f"the Lease {self.shard.lease} is now held by {holder!r}")
+                        self._write(lease["metadata"]["resourceVersion"])
                     self._renewed = self.clock()
                 except Exception as err:  # any failure to renew counts against the deadline
                     log.warning("could not renew the Lease %s: %s", self.shard.lease, err)
@@ -148,7 +157,8 @@ class ShardLease:
         if transitions is not None:
             spec["acquireTime"] = spec["renewTime"]
             spec["leaseTransitions"] = transitions
-        self.kube.patch("Lease", self.shard.lease, {
+        written = self.kube.patch("Lease", self.shard.lease, {
             "metadata": {"resourceVersion": resource_version, "labels": LEASE_LABELS,
                          "annotations": {SHARDS_ANNOTATION: str(self.shard.count)}},
             "spec": spec}, self.namespace)
+        self._version = written["metadata"]["resourceVersion"]
