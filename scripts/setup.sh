@@ -3,8 +3,8 @@
 #   apt packages (etcd-server, openssl; for the real node: containerd, runc,
 #   containernetworking-plugins, iptables, buildah, mmdebstrap), the pinned Go builds
 #   (scripts/build-tools.sh, cached under ~/.cache/privatefm), the wheelhouse
-#   (~/.cache/privatefm/wheels: every wheel requirements.lock pins, downloaded once and used by both
-#   the venv and the image builds) and the Python environment (.venv, from requirements.lock): the
+#   (~/.cache/privatefm/wheels: every wheel locks/dev.lock pins, hash-checked, downloaded once and used by both
+#   the venv and the image builds) and the Python environment (.venv, installed by uv from locks/dev.lock): the
 #   product editable with its merge, test and dev extras, and the test harness (tests/support,
 #   package privatefm-testing), which only this test setup installs.
 # Safe to run again: each step is skipped when already done.
@@ -32,23 +32,30 @@ fi
 command -v go >/dev/null || { log "Go is required (go 1.24 or newer)"; exit 1; }
 bash scripts/build-tools.sh >/dev/null
 
+# Python: uv (itself pinned by hash, locks/uv.lock), the wheelhouse and the venv. Every wheel is
+# checked against the sha256 in locks/dev.lock: once when pip downloads it into the wheelhouse
+# (--require-hashes), and again when uv installs it into .venv, offline, from that wheelhouse. The
+# image builds install from the same wheelhouse (privatefm_testing.images).
+uv="$(bash scripts/uv.sh)"
 wheels="${PRIVATEFM_CACHE:-$HOME/.cache/privatefm}/wheels"
-lock_hash="$(sha256sum requirements.lock | cut -d' ' -f1)"
+lock_hash="$(sha256sum locks/dev.lock | cut -d' ' -f1)"
 if [[ "$(cat "$wheels/.lock-sha256" 2>/dev/null)" != "$lock_hash" ]]; then
   log "downloading the pinned wheels into $wheels"
   mkdir -p "$wheels"
-  python3 -m pip download -q --disable-pip-version-check --progress-bar off --no-deps -d "$wheels" \
-    -r requirements.lock
+  python3 -m pip download -q --disable-pip-version-check --progress-bar off --no-deps --require-hashes \
+    -d "$wheels" -r locks/dev.lock
   echo "$lock_hash" > "$wheels/.lock-sha256"
 fi
 
 stamp=".venv/.privatefm-stamp"
-want="$(cat requirements.lock pyproject.toml tests/support/pyproject.toml | sha256sum | cut -d' ' -f1)"
+want="$(cat locks/dev.lock pyproject.toml tests/support/pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   log "creating the Python environment (.venv)"
   [[ -x .venv/bin/python ]] || python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check --progress-bar off --no-index --find-links "$wheels" \
-    -c requirements.lock -e ".[merge,test,dev]" -e tests/support
+  offline=(--python .venv/bin/python --offline --no-index --find-links "$wheels" --quiet)
+  # Exactly the lock (anything else in .venv is removed), then the two local packages on top.
+  "$uv" pip sync "${offline[@]}" --require-hashes locks/dev.lock
+  "$uv" pip install "${offline[@]}" --no-deps -e . -e tests/support
   echo "$want" > "$stamp"
 fi
 log "ready: tools in ${PRIVATEFM_CACHE:-$HOME/.cache/privatefm}/bin, Python in .venv"

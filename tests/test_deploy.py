@@ -466,7 +466,8 @@ def test_dockerfile_runs_the_operator_as_non_root() -> None:
     assert "privatefm-operator" in scripts
     assert by_name["USER"][-1].split(":")[0] == "65532"
     assert by_name["EXPOSE"] == ["8080"]
-    assert any(re.search(r"pip install -c requirements\.lock /dist/privatefm-\*\.whl", r) for r in by_name["RUN"])
+    assert any(re.search(r"pip install --require-hashes -r locks/operator\.lock", r) for r in by_name["RUN"])
+    assert any(re.search(r"pip install --no-deps /dist/privatefm-\*\.whl", r) for r in by_name["RUN"])
     for copy_args in by_name["COPY"]:
         if copy_args.startswith("--from"):
             continue

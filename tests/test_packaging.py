@@ -244,10 +244,93 @@ def test_dockerfiles_copy_only_the_product(dockerfile: str) -> None:
     text = (REPO / dockerfile).read_text()
     copied = {src for line in text.splitlines() if line.startswith("COPY ") and "--from=" not in line
               for src in line.split()[1:-1]}
-    assert copied == {"pyproject.toml", "requirements.lock", "README.md", "operator", "merge_image"}
+    kind = dockerfile.split(".")[1]
+    assert copied == {"pyproject.toml", f"locks/{kind}.lock", "README.md", "operator", "merge_image"}
     allowed = {line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
                if line.startswith("!")}
-    assert copied <= allowed
+    assert all(src in allowed or src.split("/")[0] in allowed for src in copied), allowed
+    # Every wheel an image installs is checked against its lock's sha256.
+    assert f"pip install --require-hashes -r {'/dist/' if kind == 'merge' else 'locks/'}{kind}.lock" in text
     assert re.search(r"^USER 65532:65532$", text, re.M)
     assert re.search(r"^ARG PYTHON_IMAGE=python:\d+\.\d+\.\d+-slim-\w+$", text, re.M), "exact base tag"
     assert json.dumps("privatefm-operator" if "operator" in dockerfile else "privatefm-merge") in text
+
+
+# ---- the locks (scripts/lock.sh, uv) ---------------------------------------------------------
+
+
+def _lock(name: str) -> dict[str, tuple[str, list[str]]]:
+    """``locks/<name>.lock`` as {distribution: (version, sha256 hashes)}."""
+    pins: dict[str, tuple[str, list[str]]] = {}
+    text = (REPO / "locks" / f"{name}.lock").read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        requirement, *options = line.split(" --hash=")
+        req = Requirement(requirement)
+        (spec,) = req.specifier
+        assert spec.operator == "==", f"{name}.lock: {requirement} is not pinned exactly"
+        pins[_name(requirement)] = (spec.version, [o.strip() for o in options])
+    return pins
+
+
+LOCKS = ("dev", "operator", "merge", "uv")
+
+
+@pytest.mark.parametrize("name", LOCKS)
+def test_every_pin_carries_sha256_hashes_and_no_index(name: str) -> None:
+    pins = _lock(name)
+    assert pins
+    for dist, (_version, hashes) in pins.items():
+        assert hashes and all(re.fullmatch(r"sha256:[0-9a-f]{64}", h) for h in hashes), dist
+    # No index URL and no registry host: installs use whatever index the machine is configured with.
+    assert "://" not in (REPO / "locks" / f"{name}.lock").read_text()
+
+
+def test_image_locks_pin_the_versions_the_suite_runs() -> None:
+    dev = _lock("dev")
+    for name in ("operator", "merge"):
+        for dist, (version, hashes) in _lock(name).items():
+            assert dev[dist][0] == version, f"{name}.lock pins {dist}=={version}, dev.lock {dev[dist][0]}"
+            assert set(hashes) == set(dev[dist][1]), f"{name}.lock: {dist} hashes differ from dev.lock"
+
+
+def _satisfied(requirements: list[str], pins: dict[str, tuple[str, list[str]]], lock: str) -> None:
+    for requirement in requirements:
+        req = Requirement(requirement)
+        if req.marker and not req.marker.evaluate({"extra": ""}):
+            continue
+        assert _name(requirement) in pins, f"{lock}.lock lacks {requirement}: rerun scripts/lock.sh"
+        assert req.specifier.contains(pins[_name(requirement)][0], prereleases=True), (requirement, lock)
+
+
+def test_locks_hold_what_pyproject_declares() -> None:
+    """A dependency added to a pyproject.toml without rerunning scripts/lock.sh fails here."""
+    harness = tomllib.loads((REPO / "tests" / "support" / "pyproject.toml").read_text())["project"]
+    extras = PYPROJECT["optional-dependencies"]
+    _satisfied(PYPROJECT["dependencies"], _lock("operator"), "operator")
+    _satisfied(extras["merge"], _lock("merge"), "merge")
+    _satisfied([*PYPROJECT["dependencies"], *(r for extra in extras.values() for r in extra),
+                *harness["dependencies"]], _lock("dev"), "dev")
+    versions = (REPO / "scripts" / "versions.env").read_text()
+    assert f"UV_VERSION={_lock('uv')['uv'][0]}\n" in versions
+
+
+def test_image_locks_leave_out_the_other_image() -> None:
+    assert not set(_lock("operator")) & {"torch", "peft", "transformers", "safetensors", "triton"}
+    assert not set(_lock("merge")) & {"kopf", "kubernetes", "peft", "transformers", "accelerate",
+                                      "huggingface-hub", "prometheus-client", "pydantic-settings"}
+
+
+def test_the_venv_is_exactly_the_dev_lock() -> None:
+    """scripts/setup.sh syncs .venv to locks/dev.lock: what runs the suite is what is locked."""
+    dev = _lock("dev")
+    installed = {_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    local = {"privatefm", "privatefm-testing"}
+    assert set(installed) - local <= set(dev), set(installed) - local - set(dev)
+    for dist, version in installed.items():
+        if dist not in local:
+            assert dev[dist][0] == version, dist
+    markers_here = [d for d in dev if d not in installed]
+    assert markers_here, "every pin applies here: the lock would not be universal"

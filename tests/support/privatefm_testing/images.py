@@ -46,7 +46,7 @@ REPO = "localhost/privatefm"
 # its peak (buildah's commit: the container, two temporary copies of the layer, the stored layer).
 DISK_NEEDED_GIB = {"merge": 26, "operator": 2, "pause": 1}
 # What the Dockerfiles COPY (kept in step with them; tests/test_packaging.py checks the COPY lines).
-BUILD_INPUTS = ("pyproject.toml", "requirements.lock", "README.md", "operator", "merge_image")
+BUILD_INPUTS = ("pyproject.toml", "locks/operator.lock", "locks/merge.lock", "README.md", "operator", "merge_image")
 
 
 def buildah(*args: str | Path, capture: bool = True) -> str:
