@@ -81,6 +81,8 @@ go_install minio "github.com/minio/minio@$MINIO_VERSION"
 
 # ---- manifest linters (tests/test_chart_lint.py) ----
 go_install kubeconform "github.com/yannh/kubeconform/cmd/kubeconform@$KUBECONFORM_VERSION"
+# kube-score checks best practices (.kube-score.yaml); it runs wherever kube-linter cannot be built.
+go_install kube-score "github.com/zegl/kube-score/cmd/kube-score@$KUBE_SCORE_VERSION"
 # kube-linter's module (golang.stackrox.io/kube-linter) is refused by the module proxy this project
 # can reach, so it is built only where that works; the suite skips kube-linter, with this reason,
 # where the binary is missing. Set PRIVATEFM_KUBE_LINTER_SRC to a checkout of stackrox/kube-linter

@@ -5,7 +5,13 @@
   ``kubectl kustomize manifests`` and the samples, against JSON schemas made here: the core kinds'
   from the local API server's ``/openapi/v2`` (kubeconform would download them; nothing outside is
   reachable), privatefm's from ``crds/`` (openapi2jsonschema's ``{kind}_{version}.json`` layout);
-- ``kube-linter`` with ``.kube-linter.yaml``, where every disabled check has its reason beside it.
+- ``kube-linter`` with ``.kube-linter.yaml``, where every disabled check has its reason beside it
+  (skipped where its Go module cannot be fetched, see scripts/build-tools.sh);
+- ``kube-score`` with ``.kube-score.yaml`` (turned into flags here), which runs everywhere: every
+  ignored check has its reason beside it and is shown to hide only the findings it names.
+
+Besides the defaults and the ci values, the chart is rendered with ``shards=2, replicas=2`` ("sharded"):
+only then does it render a PodDisruptionBudget and a podAntiAffinity, which the linters check.
 
 The only kinds no schema exists for here are the Prometheus Operator's ServiceMonitor and
 PrometheusRule (their CRDs are not part of this repository): kubeconform skips them, by name; promtool
@@ -19,6 +25,7 @@ import json
 import re
 import shlex
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +37,15 @@ from privatefm_testing.kube import Kube
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "privatefm-operator"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
-SCENARIOS = ["defaults", *(p.name for p in CI_VALUES), "kustomize", "samples"]
+SCENARIOS = ["defaults", *(p.name for p in CI_VALUES), "sharded", "kustomize", "samples"]
+SHARDED = ["--set", "shards=2", "--set", "replicas=2"]
 # monitoring.coreos.com: the Prometheus Operator's CRDs are not in this repo (the PrometheusRule is
 # checked by promtool instead: tests/test_monitoring.py).
 SKIPPED_KINDS = ["ServiceMonitor", "PrometheusRule"]
 KUBE_LINTER = BIN / "kube-linter"
 KUBE_LINTER_CONFIG = REPO / ".kube-linter.yaml"
+KUBE_SCORE = BIN / "kube-score"
+KUBE_SCORE_CONFIG = REPO / ".kube-score.yaml"
 
 
 def run(*cmd: str | Path, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -52,7 +62,7 @@ def render(scenario: str) -> str:
         return run(BIN / "kubectl", "kustomize", REPO / "manifests").stdout
     if scenario == "samples":
         return "\n---\n".join(p.read_text() for p in sorted((REPO / "manifests" / "samples").glob("*.yaml")))
-    values = [] if scenario == "defaults" else ["-f", str(CHART / "ci" / scenario)]
+    values = {"defaults": [], "sharded": SHARDED}.get(scenario, ["-f", str(CHART / "ci" / scenario)])
     return run(BIN / "helm", "template", "privatefm-operator", CHART, "--namespace", "privatefm-system",
                *values).stdout
 
@@ -233,3 +243,148 @@ def test_kube_linter(scenario: str, tmp_path: Path) -> None:
     target.write_text(render(scenario))
     proc = run(KUBE_LINTER, "lint", "--config", KUBE_LINTER_CONFIG, target, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ---- kube-score ------------------------------------------------------------------------------
+
+# What each ignored check finds when it is not ignored, (kind, summary) on every scenario: an ignore
+# hides exactly this and nothing else.
+KUBE_SCORE_IGNORED_FINDINGS = {
+    "container-image-pull-policy": {("StatefulSet", "ImagePullPolicy is not set to Always")},
+    "pod-networkpolicy": {("StatefulSet", "The pod does not have a matching egress NetworkPolicy")},
+}
+KUBE_SCORE_SECTIONS = ["ignore", "enable", "optionalLeftOff"]
+needs_kube_score = pytest.mark.skipif(not KUBE_SCORE.exists(), reason="kube-score is not built: run "
+                                      "scripts/build-tools.sh (github.com/zegl/kube-score, KUBE_SCORE_VERSION)")
+
+
+def kube_score_config() -> dict[str, list[str]]:
+    config: dict[str, list[str]] = yaml.safe_load(KUBE_SCORE_CONFIG.read_text())
+    return config
+
+
+def kubernetes_minor() -> str:
+    """v1.33 from KUBERNETES_VERSION=v1.33.13 in scripts/versions.env: what kube-score's
+    stable-version check compares apiVersions against."""
+    (version,) = re.findall(r"^KUBERNETES_VERSION=(v\d+\.\d+)\.\d+$",
+                            (REPO / "scripts" / "versions.env").read_text(), re.MULTILINE)
+    return version
+
+
+def kube_score(text: str, output: str = "ci", ignore: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """kube-score as .kube-score.yaml says: a warning fails too, no object can silence a check with a
+    kube-score/ignore annotation. ``ignore`` replaces the config's ignored checks."""
+    config = kube_score_config()
+    flags = [f"--ignore-test={check}" for check in (config["ignore"] if ignore is None else ignore)]
+    flags += [f"--enable-optional-test={check}" for check in config["enable"]]
+    return run(KUBE_SCORE, "score", "--output-format", output, "--exit-one-on-warning",
+               "--disable-ignore-checks-annotations", "--kubernetes-version", kubernetes_minor(), *flags, "-",
+               input=text, check=False)
+
+
+def kube_score_findings(text: str, ignore: list[str] | None = None) -> set[tuple[str, str, str]]:
+    """(kind, check id, summary) of every finding that fails the run (grade warning or critical)."""
+    proc = kube_score(text, "json", ignore)
+    found = {(obj["type_meta"]["kind"], check["check"]["id"], comment["summary"])
+             for obj in json.loads(proc.stdout)
+             for check in obj["checks"] if not check["skipped"] and check["grade"] <= 5
+             for comment in check["comments"] or [{"summary": ""}]}
+    assert (proc.returncode != 0) == bool(found), (proc.returncode, found, proc.stderr)
+    return found
+
+
+def test_kube_score_config_gives_a_reason_for_every_entry() -> None:
+    lines = KUBE_SCORE_CONFIG.read_text().splitlines()
+    config = kube_score_config()
+    assert sorted(config) == sorted(KUBE_SCORE_SECTIONS)
+    assert config["ignore"], "nothing ignored: drop this test's premise"
+    entries = [check for section in KUBE_SCORE_SECTIONS for check in config[section]]
+    assert len(entries) == len(set(entries)), "a check in two places"
+    for check in entries:
+        (line,) = [line for line in lines if re.match(rf"\s*-\s*{re.escape(check)}\s*(#|$)", line)]
+        reason = line.split("#", 1)[1].strip() if "#" in line else ""
+        assert len(reason) > 20, f"{check}: no reason written beside it"
+    assert set(config["ignore"]) == set(KUBE_SCORE_IGNORED_FINDINGS), \
+        "say in KUBE_SCORE_IGNORED_FINDINGS what a newly ignored check finds"
+
+
+def test_install_docs_run_kube_score_as_the_suite_does() -> None:
+    """docs/install.md spells out the flags this file builds from .kube-score.yaml."""
+    docs = (REPO / "docs" / "install.md").read_text()
+    command = " ".join(docs.split("| kube-score score", 1)[1].split("```", 1)[0].replace("\\\n", " ").split())
+    config = kube_score_config()
+    flags = re.findall(r"--(ignore-test|enable-optional-test) (\S+)", command)
+    assert sorted(flags) == sorted([("ignore-test", c) for c in config["ignore"]]
+                                   + [("enable-optional-test", c) for c in config["enable"]]), command
+    for flag in ("--exit-one-on-warning", "--disable-ignore-checks-annotations",
+                 f"--kubernetes-version {kubernetes_minor()}"):
+        assert flag in command, command
+
+
+@needs_kube_score
+def test_kube_score_config_names_its_real_checks() -> None:
+    """Every name is one of kube-score's checks (a typo would ignore or enable nothing), and every
+    optional check is either enabled or left off with a reason: a new one in an upgrade fails here."""
+    listed = [line.split(",") for line in run(KUBE_SCORE, "list").stdout.splitlines() if line]
+    default = {row[0] for row in listed if row[-1] == "default"}
+    optional = {row[0] for row in listed if row[-1] == "optional"}
+    config = kube_score_config()
+    assert set(config["ignore"]) <= default
+    assert sorted(config["enable"] + config["optionalLeftOff"]) == sorted(optional)
+
+
+@needs_kube_score
+@pytest.mark.parametrize("scenario", [s for s in SCENARIOS if s != "samples"])
+def test_kube_score(scenario: str) -> None:
+    text = render(scenario)
+    proc = kube_score(text)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[OK] privatefm-operator" in proc.stdout, proc.stdout
+    # Not ignoring anything finds exactly what each ignored check is there for.
+    expected = {(kind, check, summary) for check, found in KUBE_SCORE_IGNORED_FINDINGS.items()
+                for kind, summary in found}
+    assert kube_score_findings(text, ignore=[]) == expected
+
+
+def _mutated(scenario: str, kind: str, change: Callable[[dict[str, Any]], None] | None) -> str:
+    """The scenario's objects with its one ``kind`` changed in place, or left out (``change`` None)."""
+    docs = [d for d in yaml.safe_load_all(render(scenario)) if d]
+    (target,) = [d for d in docs if d["kind"] == kind]
+    if change is None:
+        docs.remove(target)
+    else:
+        change(target)
+    return yaml.safe_dump_all(docs)
+
+
+def _no_resources_no_security_context(statefulset: dict[str, Any]) -> None:
+    container = statefulset["spec"]["template"]["spec"]["containers"][0]
+    del container["resources"], container["securityContext"]
+
+
+def _no_affinity(statefulset: dict[str, Any]) -> None:
+    del statefulset["spec"]["template"]["spec"]["affinity"]
+
+
+def _not_headless(service: dict[str, Any]) -> None:
+    del service["spec"]["clusterIP"]
+
+
+@needs_kube_score
+@pytest.mark.parametrize(("scenario", "kind", "change", "checks"), [
+    ("defaults", "StatefulSet", _no_resources_no_security_context,
+     {"container-resources", "container-ephemeral-storage-request-and-limit",
+      "container-security-context-readonlyrootfilesystem"}),
+    ("defaults", "Service", _not_headless, {"statefulset-has-servicename"}),
+    ("sharded", "PodDisruptionBudget", None, {"statefulset-has-poddisruptionbudget"}),
+    # A warning: --exit-one-on-warning makes it fail the run.
+    ("sharded", "StatefulSet", _no_affinity, {"statefulset-has-host-podantiaffinity"}),
+], ids=["no-resources-or-securitycontext", "service-not-headless", "no-pdb", "no-anti-affinity"])
+def test_kube_score_bites(scenario: str, kind: str, change: Callable[[dict[str, Any]], None] | None,
+                          checks: set[str]) -> None:
+    """A worse copy of a rendered scenario fails, naming the checks that catch it: test_kube_score
+    cannot pass by construction."""
+    bad = _mutated(scenario, kind, change)
+    proc = kube_score(bad)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert {check for _, check, _ in kube_score_findings(bad)} == checks
