@@ -1,7 +1,8 @@
 """kopf wiring only: each handler parses what kopf delivered and hands it to its reconciler.
 
 LearnerNamespaces are reconciled on resume, on spec change, when a watch shows one of their
-children drifted or deleted, and on a timer whose pass is cheap unless something is due (a full
+children drifted or deleted (plain watches, ``informers``, not kopf's: kopf would keep state for
+every child), and on a timer whose pass is cheap unless something is due (a full
 resync, jittered, every few hours); once deleted, the deletion handler holds them until a guardian
 approved and the delay passed.
 AdapterMerges are looked at on resume and create; their Jobs' events drive them afterwards.
@@ -12,19 +13,19 @@ With shards, every handler sees only this shard's learners and what lives in the
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import socket
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
-from privatefm_operator import decisions, logs, metrics, naming, reconcilers
+from privatefm_operator import decisions, informers, logs, metrics, naming, reconcilers
 from privatefm_operator.api import GROUP, VERSION, AdapterMerge, LearnerNamespace, MergeTrigger
 from privatefm_operator.reconcilers.base import RetryLater, parse
 from privatefm_operator.reconcilers.children import WATCHED
@@ -83,6 +84,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.execution.max_workers = SETTINGS.workers
     memo.reconcilers = reconcilers.build(SETTINGS, SHARD)
+    _watch_children(memo)
     # Shared by every object's memo (kopf gives each object a shallow copy of this one, and a
     # re-created CRD is a new object): the uid each of our CRDs had when first seen.
     memo.crd_uids = {}
@@ -104,6 +106,9 @@ def reconcilers_built(memo: kopf.Memo, **_: Any) -> bool:
 
 @kopf.on.cleanup()
 def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    if "informers" in memo:
+        memo.informers.stop()
+        memo.repairs.pool.shutdown(wait=False, cancel_futures=True)
     if "http" in memo:  # and free the port: the operator loop may start again in this process
         memo.http.shutdown()
         memo.http.server_close()
@@ -123,38 +128,55 @@ def learner_resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     _retrying(lambda: memo.reconcilers.learners.resync(parse(LearnerNamespace, body)))
 
 
-def _watch_children(kind: str, group: str, version: str, plural: str) -> None:
-    """A watch on one kind of the learners' children: what it shows is remembered, and a child that
-    drifted from its spec or vanished has its learner reconciled at once (``reconcilers.children``)."""
-    @kopf.on.event(group, version, plural, labels=OURS, id=f"children-{plural}", when=_in_our_shard)
-    async def child_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
-        """Async: most events (our own applies' echoes, status updates) need a comparison and
-        nothing else, so they do not take one of the workers the reconciles run in."""
-        if "reconcilers" not in memo:
-            return
-        learners = memo.reconcilers.learners
-        name = learners.children.on_event(kind, dict(body), type == "DELETED")
-        if name is not None:
-            log.info("drift repair", extra={"fields": {"learner": name, "kind": kind,
-                                                       "object": f"{body.get('metadata', {}).get('namespace')}/"
-                                                                 f"{body.get('metadata', {}).get('name')}",
-                                                       "deleted": type == "DELETED"}})
-            await asyncio.get_running_loop().run_in_executor(None, functools.partial(_repair, learners, name))
+def _child_event(learners: Any, repairs: Repairs, kind: str, body: dict[str, Any], deleted: bool) -> None:
+    """One event of a watch on the learners' children (``informers``): what it shows is remembered,
+    and a child that drifted from its spec or vanished has its learner reconciled at once
+    (``reconcilers.children``), in the repair threads, never in the watch's own."""
+    meta = body["metadata"]
+    if not SHARD.owns_namespace(meta.get("namespace") or meta["name"]):
+        return
+    name = learners.children.on_event(kind, body, deleted)
+    if name is not None:
+        log.info("drift repair", extra={"fields": {"learner": name, "kind": kind, "deleted": deleted,
+                                                   "object": f"{meta.get('namespace')}/{meta['name']}"}})
+        repairs.submit(name)
 
 
-def _repair(learners: Any, name: str) -> None:
-    try:
-        learners.repair(name)
-    except Exception as err:  # an event handler is not retried by kopf: the next resync will be
-        if not isinstance(err, RetryLater) and not _unavailable(err):
-            raise
-        log.warning("drift repair of %s deferred: %s", name, err)
+class Repairs:
+    """Drift repairs, a few at a time, each learner at most once in the queue (a repair that starts
+    takes it off, so drift seen during a repair queues another)."""
+
+    def __init__(self, learners: Any, threads: int = 4) -> None:
+        self.learners = learners
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="repair")
+        self.lock = threading.Lock()
+        self.pending: set[str] = set()
+
+    def submit(self, name: str) -> None:
+        with self.lock:
+            if name in self.pending:
+                return
+            self.pending.add(name)
+        self.pool.submit(self.run, name)
+
+    def run(self, name: str) -> None:
+        with self.lock:
+            self.pending.discard(name)
+        try:
+            self.learners.repair(name)
+        except Exception as err:  # not retried here: the learner's next timer pass will be
+            level = logging.WARNING if isinstance(err, RetryLater) or _unavailable(err) else logging.ERROR
+            log.log(level, "drift repair of %s deferred: %s", name, err, exc_info=level == logging.ERROR)
 
 
-for _kind, (_group, _version, _plural) in WATCHED.items():
-    _watch_children(_kind, _group, _version, _plural)
-if SETTINGS.kueue_cluster_queue:  # the operator makes each learner's LocalQueue only then
-    _watch_children("LocalQueue", "kueue.x-k8s.io", "v1beta2", "localqueues")
+def _watch_children(memo: kopf.Memo) -> None:
+    learners = memo.reconcilers.learners
+    repairs = Repairs(learners)
+    kinds = [*WATCHED, *(["LocalQueue"] if SETTINGS.kueue_cluster_queue else [])]  # LocalQueues only with Kueue
+    memo.repairs = repairs
+    memo.informers = informers.Informers(
+        memo.reconcilers.kube, kinds, f"{naming.LABEL_MANAGED_BY}={naming.MANAGED_BY}",
+        functools.partial(_child_event, learners, repairs), learners.children.known).start()
 
 
 @kopf.on.delete(*LNS, when=_our_learner)

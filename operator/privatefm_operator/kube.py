@@ -10,6 +10,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import urllib3
@@ -97,6 +98,29 @@ class Kube:
     def list(self, kind: str, namespace: str | None = None, selector: str | None = None) -> list[dict[str, Any]]:
         query = [("labelSelector", selector)] if selector else []
         return list(self._call("GET", self._path(kind, namespace), query=query).get("items", []))
+
+    def list_page(self, kind: str, selector: str, limit: int, continue_: str | None) -> dict[str, Any]:
+        """One page of a cluster-wide list: ``items``, and ``metadata`` with ``resourceVersion`` and
+        ``continue``."""
+        query = [("labelSelector", selector), ("limit", str(limit))] + ([("continue", continue_)] if continue_ else [])
+        return dict(self._call("GET", self._path(kind, None), query=query))
+
+    def watch(self, kind: str, selector: str, resource_version: str, seconds: int) -> Iterator[dict[str, Any]]:
+        """A cluster-wide watch from ``resource_version``, with bookmarks, that the API server ends
+        after ``seconds``. Yields its events (``type``, ``object``) as they arrive. A connection that
+        stays silent past the server's own deadline is given up (``urllib3`` raises)."""
+        query = [("watch", "true"), ("labelSelector", selector), ("resourceVersion", resource_version),
+                 ("allowWatchBookmarks", "true"), ("timeoutSeconds", str(seconds))]
+        response = self.api.call_api(self._path(kind, None), "GET", query_params=query,
+                                     header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
+                                     _preload_content=False, _return_http_data_only=True,
+                                     _request_timeout=(10, seconds + 30))
+        try:
+            for line in response:
+                if line.strip():
+                    yield json.loads(line)
+        finally:
+            response.close()  # a stream given up part-way cannot go back to the pool
 
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]

@@ -102,6 +102,11 @@ class Children:
             self._satisfied[key] = ok
         return None if ok else learner
 
+    def known(self, kind: str) -> list[tuple[str, str]]:
+        """(namespace, name) of every child of ``kind`` this process has applied."""
+        with self._lock:
+            return [(ns, name) for k, ns, name in self._asked if k == kind]
+
     def forget(self, learner: str) -> None:
         """A learner is gone: nothing of it is kept any longer."""
         with self._lock:
