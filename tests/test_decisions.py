@@ -12,6 +12,7 @@ from privatefm_merge.adapter_log import AdapterMode
 from privatefm_merge.contract import AdapterRef, MergeJob, MergeResult
 from privatefm_operator import builders, conditions, decisions, naming
 from privatefm_operator.api import (
+    VERSION_ASSIGNMENTS_KEPT,
     Checkpoint,
     IntegrityStatus,
     LearnerNamespaceSpec,
@@ -414,7 +415,25 @@ def test_plan_failure(base: int | None, found: bool, adapter: int | None, reason
 def test_allocate_version(last: int | None, current: int | None, expected: int) -> None:
     status = LearnerNamespaceStatus(last_assigned_version=last,
                                     current_checkpoint=checkpoint(current, 1) if current else None)
-    assert decisions.allocate_version(status).last_assigned_version == expected
+    allocated = decisions.allocate_version(status, "run-a")
+    assert allocated.last_assigned_version == expected
+    assert decisions.assigned_version(allocated, "run-a") == expected
+
+
+def test_a_run_that_lost_its_version_gets_the_same_one_again_and_no_gap_opens() -> None:
+    """The operator stopped after handing run b its version but before b recorded it: b's next
+    plan takes the same version, even after run c took the next one."""
+    status = LearnerNamespaceStatus(last_assigned_version=2)
+    status = decisions.allocate_version(status, "b")
+    status = decisions.allocate_version(status, "c")
+    again = decisions.allocate_version(status, "b")
+    assert again == status, "no write: b already has a version"
+    assert decisions.assigned_version(again, "b") == 3 and decisions.assigned_version(again, "c") == 4
+    for i in range(40):  # only the newest are kept, so the status stays small
+        status = decisions.allocate_version(status, f"r{i}")
+    assert len(status.version_assignments) == VERSION_ASSIGNMENTS_KEPT
+    assert status.last_assigned_version == 44 and decisions.assigned_version(status, "r39") == 44
+    assert decisions.assigned_version(status, "b") is None
 
 
 @pytest.mark.parametrize(("current", "candidate", "after"), [(None, 1, 1), (1, 2, 2), (3, 2, 3), (2, 2, 2)])

@@ -112,6 +112,9 @@ Quantity = Annotated[
 ]
 
 
+VERSION_ASSIGNMENTS_KEPT = 16  # LearnerNamespaceStatus.versionAssignments: the newest of them
+
+
 class Model(BaseModel):
     """camelCase on the wire, snake_case in Python; unknown wire fields are ignored on read."""
 
@@ -353,6 +356,13 @@ class Checkpoint(Model):
     verified_at: datetime | None = Field(default=None, description="When the operator verified the manifest.")
 
 
+class VersionAssignment(Model):
+    """A version handed to a run."""
+
+    version: int = Field(ge=1, description="The version.")
+    merge_uid: str = Field(max_length=64, description="The uid of the AdapterMerge it was handed to.")
+
+
 class DeletionStatus(Model):
     """Progress of a guardian-approved deletion. Every step is recorded, so a restarted operator
     goes on where it stopped and never repeats or skips one."""
@@ -427,6 +437,10 @@ class LearnerNamespaceStatus(Status):
     current_checkpoint: Checkpoint | None = Field(default=None, description="The latest verified checkpoint.")
     last_assigned_version: int | None = Field(
         default=None, ge=0, description="Highest checkpoint version handed to a merge (versions never repeat).")
+    version_assignments: list[VersionAssignment] = Field(
+        default_factory=list, max_length=VERSION_ASSIGNMENTS_KEPT,
+        description="The runs the newest versions were handed to: a run whose own record of its version was "
+                    "lost (the operator stopped in between) takes the same version again, so none is skipped.")
     base_model_latest_version: int | None = Field(default=None, description="Latest published base version.")
     version_lag: int | None = Field(
         default=None, description="Latest base version minus the current checkpoint's base version.")

@@ -15,6 +15,7 @@ from privatefm_merge.contract import MergeResult
 
 from privatefm_operator import conditions, naming
 from privatefm_operator.api import (
+    VERSION_ASSIGNMENTS_KEPT,
     Checkpoint,
     Condition,
     DeletionStatus,
@@ -25,6 +26,7 @@ from privatefm_operator.api import (
     LearnerPhase,
     MergePhase,
     RecoveryStatus,
+    VersionAssignment,
 )
 
 
@@ -79,10 +81,21 @@ def recovered(status: LearnerNamespaceStatus, history: History | None, checkpoin
     return status.model_copy(update={"last_assigned_version": highest, "current_checkpoint": current})
 
 
-def allocate_version(status: LearnerNamespaceStatus) -> LearnerNamespaceStatus:
-    """The learner's status with the next version handed out (the counter only grows)."""
+def allocate_version(status: LearnerNamespaceStatus, merge_uid: str) -> LearnerNamespaceStatus:
+    """The learner's status with the next version handed to the run ``merge_uid`` (the counter only
+    grows), or unchanged when that run already has one: a run that was handed a version, but stopped
+    before it recorded it, gets the same one again instead of leaving a gap."""
+    if assigned_version(status, merge_uid) is not None:
+        return status
     current = status.current_checkpoint.version if status.current_checkpoint else None
-    return status.model_copy(update={"last_assigned_version": next_version(status.last_assigned_version, current)})
+    version = next_version(status.last_assigned_version, current)
+    kept = [*status.version_assignments, VersionAssignment(version=version, merge_uid=merge_uid)]
+    return status.model_copy(update={"last_assigned_version": version,
+                                     "version_assignments": kept[-VERSION_ASSIGNMENTS_KEPT:]})
+
+
+def assigned_version(status: LearnerNamespaceStatus, merge_uid: str) -> int | None:
+    return next((a.version for a in status.version_assignments if a.merge_uid == merge_uid), None)
 
 
 def advance_checkpoint(status: LearnerNamespaceStatus, checkpoint: Checkpoint,

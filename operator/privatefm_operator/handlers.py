@@ -2,9 +2,9 @@
 
 LearnerNamespaces are reconciled on resume, on spec change, when a watch shows one of their
 children drifted or deleted (plain watches, ``informers``, not kopf's: kopf would keep state for
-every child), and on a timer whose pass is cheap unless something is due (a full
-resync, jittered, every few hours); once deleted, the deletion handler holds them until a guardian
-approved and the delay passed.
+every child), and on a timer (one scheduling thread, ``resyncs``, not a kopf timer per learner)
+whose pass is cheap unless something is due (a full resync, jittered, every few hours); once
+deleted, the deletion handler holds them until a guardian approved and the delay passed.
 AdapterMerges are looked at on resume and create; their Jobs' events drive them afterwards.
 No timer watches AdapterMerges, so they carry no kopf finalizer and never block namespace deletion.
 The clients and reconcilers are built once, at start-up, and kept in kopf's ``memo``.
@@ -25,7 +25,7 @@ import kopf
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
-from privatefm_operator import decisions, informers, logs, metrics, naming, reconcilers
+from privatefm_operator import decisions, informers, logs, metrics, naming, reconcilers, resyncs
 from privatefm_operator.api import GROUP, VERSION, AdapterMerge, LearnerNamespace, MergeTrigger
 from privatefm_operator.reconcilers.base import RetryLater, parse
 from privatefm_operator.reconcilers.children import WATCHED
@@ -84,6 +84,8 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.execution.max_workers = SETTINGS.workers
     memo.reconcilers = reconcilers.build(SETTINGS, SHARD)
+    memo.resyncs = resyncs.Resyncs(SETTINGS.resync_seconds,
+                                   functools.partial(learner_resync, memo.reconcilers.learners)).start()
     _watch_children(memo)
     # Shared by every object's memo (kopf gives each object a shallow copy of this one, and a
     # re-created CRD is a new object): the uid each of our CRDs had when first seen.
@@ -106,6 +108,8 @@ def reconcilers_built(memo: kopf.Memo, **_: Any) -> bool:
 
 @kopf.on.cleanup()
 def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    if "resyncs" in memo:
+        memo.resyncs.stop()
     if "informers" in memo:
         memo.informers.stop()
         memo.repairs.pool.shutdown(wait=False, cancel_futures=True)
@@ -122,10 +126,32 @@ def learner_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     _retrying(lambda: memo.reconcilers.learners.reconcile(parse(LearnerNamespace, body)))
 
 
-@kopf.timer(*LNS, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds, when=_our_learner)
+@kopf.on.event(*LNS, when=_our_learner)
+async def learner_seen(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """Every LearnerNamespace body the watch delivers goes to its timer (``resyncs``), which keeps a
+    compressed copy of what a pass reads; a deleted or deleting one has no more passes."""
+    if "resyncs" not in memo:
+        return
+    if type == "DELETED" or body.get("metadata", {}).get("deletionTimestamp"):
+        memo.resyncs.drop(body["metadata"]["name"])
+    else:
+        memo.resyncs.see(dict(body))
+
+
 @metrics.timed("learnernamespace")
-def learner_resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    _retrying(lambda: memo.reconcilers.learners.resync(parse(LearnerNamespace, body)))
+def learner_resync(learners: Any, body: dict[str, Any]) -> float | None:
+    """A learner's timer pass (``resyncs``); returns how soon the next one is due when the pass
+    could not finish (None: one interval)."""
+    try:
+        learners.resync(parse(LearnerNamespace, body))
+    except RetryLater as err:
+        return err.delay
+    except Exception as err:
+        if _unavailable(err):
+            log.warning("timer pass of %s deferred: the API server is unavailable: %s", body["metadata"]["name"], err)
+            return UNAVAILABLE_DELAY
+        raise
+    return None
 
 
 def _child_event(learners: Any, repairs: Repairs, kind: str, body: dict[str, Any], deleted: bool) -> None:

@@ -21,13 +21,11 @@ class HeldDeletionIsNoError(logging.Filter):
 
 
 class QuietRoutine(logging.Filter):
-    """kopf logs every handler's success. Two of ours run for every learner all the time: the
-    children's watch sees every change of every learner's six objects (a rollout of 10,000 learners:
-    60,000 lines saying nothing), and the resync timer ticks for each learner. Their handlers log
-    what they do themselves (a drift repair, a check, a fallback), so kopf's success lines for
-    them are dropped; failures stay."""
+    """kopf logs every handler's success. One of ours runs for every event of every learner: the
+    LearnerNamespace watch's hand-over to the timer (``resyncs``), which does nothing worth a line,
+    so kopf's success lines for it are dropped; failures stay."""
 
-    ROUTINE = ("Handler 'children-", "Timer 'learner_resync'")
+    ROUTINE = ("Handler 'learner_seen'",)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()

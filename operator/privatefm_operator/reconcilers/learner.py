@@ -527,11 +527,14 @@ class LearnerReconciler:
         log.info("namespace created", extra={"fields": {"learner": scope.lns.name, "namespace": namespace}})
 
     # ---- used by the merge reconciler --------------------------------------------------------
-    def allocate_version(self, lns: LearnerNamespace) -> int:
-        """Next version for this learner, never handed out twice (optimistic concurrency)."""
-        written = status_of(update_status(self.clients, lns, decisions.allocate_version), LearnerNamespaceStatus)
-        assert written.last_assigned_version is not None
-        return written.last_assigned_version
+    def allocate_version(self, lns: LearnerNamespace, merge_uid: str) -> int:
+        """The version of the run ``merge_uid``: the next one for this learner, never handed out twice
+        (optimistic concurrency), or the one it was already handed."""
+        written = status_of(update_status(self.clients, lns, lambda status: decisions.allocate_version(
+            status, merge_uid)), LearnerNamespaceStatus)
+        version = decisions.assigned_version(written, merge_uid)
+        assert version is not None
+        return version
 
     def advance(self, lns: LearnerNamespace, checkpoint: Checkpoint) -> None:
         """Moves currentCheckpoint forward (never back)."""

@@ -233,7 +233,7 @@ class MergeReconciler:
                                          reclone=spec.trigger == MergeTrigger.FALLBACK)
         if failure is not None:
             return self.finish(scope, MergePhase.FAILED, failure.reason, failure.message)
-        target = self.learners.allocate_version(lns)
+        target = self.learners.allocate_version(lns, scope.merge.metadata["uid"])
         scope.status = scope.status.model_copy(update={
             "phase": MergePhase.PENDING, "learner": learner.name, "target_version": target,
             "parent_version": current.version if current else None, "base_version": base, "adapter_seq": adapter,
