@@ -48,7 +48,7 @@ def _our_learner(spec: kopf.Spec, **_: Any) -> bool:
     return SHARD.owns_learner(str(spec.get("learnerId", "")))
 
 
-def _in_our_shard(body: kopf.Body, **_: Any) -> bool:
+def _in_our_shard(body: kopf.Body | dict[str, Any], **_: Any) -> bool:
     """kopf filter for what lives in (or is) a learner namespace: that learner is this shard's."""
     meta = body.get("metadata", {})
     return SHARD.owns_namespace(meta.get("namespace") or meta.get("name", ""))
@@ -158,9 +158,9 @@ def _child_event(learners: Any, repairs: Repairs, kind: str, body: dict[str, Any
     """One event of a watch on the learners' children (``informers``): what it shows is remembered,
     and a child that drifted from its spec or vanished has its learner reconciled at once
     (``reconcilers.children``), in the repair threads, never in the watch's own."""
-    meta = body["metadata"]
-    if not SHARD.owns_namespace(meta.get("namespace") or meta["name"]):
+    if not _in_our_shard(body):
         return
+    meta = body["metadata"]
     name = learners.children.on_event(kind, body, deleted)
     if name is not None:
         log.info("drift repair", extra={"fields": {"learner": name, "kind": kind, "deleted": deleted,
