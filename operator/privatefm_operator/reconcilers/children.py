@@ -28,14 +28,8 @@ from typing import Any
 from privatefm_operator import decisions, naming
 
 Key = tuple[str, str, str]  # kind, namespace ("" for cluster-scoped), name
-WATCHED = {  # kind: (API group, version, plural)
-    "Namespace": ("", "v1", "namespaces"),
-    "ServiceAccount": ("", "v1", "serviceaccounts"),
-    "NetworkPolicy": ("networking.k8s.io", "v1", "networkpolicies"),
-    "ResourceQuota": ("", "v1", "resourcequotas"),
-    "LimitRange": ("", "v1", "limitranges"),
-    "CronJob": ("batch", "v1", "cronjobs"),
-}
+# The kinds watched (``informers``; their API paths are ``kube.RESOURCES``), and LocalQueues with Kueue.
+WATCHED = ("Namespace", "ServiceAccount", "NetworkPolicy", "ResourceQuota", "LimitRange", "CronJob")
 
 
 def key_of(kind: str, meta: dict[str, Any]) -> Key:
