@@ -624,8 +624,8 @@ def _grants(objs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
 OPERATOR_CALLS = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},        # kopf: resource discovery
     ("", "events"): {"create"},                                                      # Kube.event, kopf posting
-    ("privatefm.io", "learnernamespaces"): {"get", "list", "watch", "patch"},        # get; kopf watch, finalizer
-    ("privatefm.io", "learnernamespaces/status"): {"patch"},                         # write_status; kopf progress
+    ("privatefm.io", "learnernamespaces"): {"get", "list", "watch", "patch"},        # get; the watch; the finalizer
+    ("privatefm.io", "learnernamespaces/status"): {"patch"},                         # write_status
     ("privatefm.io", "adaptermerges"): {"get", "list", "watch", "create", "patch"},  # + scheduled-run records
     ("privatefm.io", "adaptermerges/status"): {"patch"},
     ("", "namespaces"): {"get", "list", "watch", "create", "patch", "delete"},       # get; watch; apply; deletion

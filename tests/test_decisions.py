@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -518,17 +517,6 @@ def test_job_parameters_reach_the_merge_contract_through_the_downward_api() -> N
 def test_status_writes_are_merge_patches_that_clear_what_is_gone(old: dict[str, Any], new: dict[str, Any],
                                                                  patch: dict[str, Any]) -> None:
     assert merge_patch(old, new) == patch
-
-
-def test_a_held_deletion_is_not_logged_or_posted_as_an_error() -> None:
-    from privatefm_operator import logs
-
-    held = logging.LogRecord("kopf.objects", logging.ERROR, __file__, 1,
-                             f"Handler 'learner_deleting' failed temporarily: {logs.HELD}: see status", None, None)
-    other = logging.LogRecord("kopf.objects", logging.ERROR, __file__, 1, "Handler 'x' failed temporarily", None, None)
-    for record in (held, other):
-        assert logs.HeldDeletionIsNoError().filter(record)
-    assert (held.levelno, other.levelno) == (logging.INFO, logging.ERROR)
 
 
 def test_crd_reinstalled_only_for_a_new_established_uid() -> None:

@@ -14,8 +14,8 @@ from privatefm_operator.sharding import (
     Shard,
     jump_hash,
     learner_id_of_namespace,
-    owner_finalizers,
     shard_of,
+    without_kopf_finalizers,
 )
 
 IDS = [f"learner-{n}" for n in range(10_000)]
@@ -64,20 +64,18 @@ def test_a_namespace_names_its_learner_only_when_its_uid_matches() -> None:
     assert learner_id_of_namespace("default") is None
 
 
-def test_shard_of_a_replica_and_its_finalizer() -> None:
+def test_shard_of_a_replica_and_its_lease() -> None:
     assert [Shard.of_replica(k, 3).index for k in range(7)] == [0, 1, 2, 0, 1, 2, 0]
-    assert Shard().finalizer == KOPF_FINALIZER  # one shard: the finalizer it always had
-    assert Shard(2, 3).finalizer == f"{KOPF_FINALIZER}-2"
     assert Shard(2, 3).lease == "privatefm-operator-shard-2"
     with pytest.raises(ValueError):
         Shard(3, 3)
 
 
-def test_the_owner_drops_kopf_finalizers_of_an_earlier_shard_count_only() -> None:
-    others = [naming.GUARDIAN_FINALIZER, "example.com/keep", f"{KOPF_FINALIZER}-x"]
-    finalizers = [KOPF_FINALIZER, f"{KOPF_FINALIZER}-0", f"{KOPF_FINALIZER}-1", *others]
-    assert owner_finalizers(finalizers, f"{KOPF_FINALIZER}-1") == [f"{KOPF_FINALIZER}-1", *others]
-    assert owner_finalizers(finalizers, KOPF_FINALIZER) == [KOPF_FINALIZER, *others]
+def test_the_owner_drops_the_finalizers_kopf_wrote_in_earlier_versions_and_only_those() -> None:
+    others = [naming.GUARDIAN_FINALIZER, "example.com/keep", f"{KOPF_FINALIZER}-x", f"{KOPF_FINALIZER}x"]
+    finalizers = [KOPF_FINALIZER, f"{KOPF_FINALIZER}-0", *others[:2], f"{KOPF_FINALIZER}-12", *others[2:]]
+    assert without_kopf_finalizers(finalizers) == others
+    assert without_kopf_finalizers([]) == []
 
 
 def record(holder: str = "a", rv: str = "1", shards: int | None = 2, name: str = "shard-0") -> LeaseRecord:

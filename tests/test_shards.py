@@ -3,8 +3,8 @@ policies, each holding its shard's Lease in privatefm-system (``privatefm_operat
 ``privatefm_operator.leases``).
 
 The session's operator is stopped for this module (it would act on every learner) and started
-again afterwards. Which process handled a learner is read off the learner itself: kopf puts its
-finalizer on every learner it handles, and each shard has its own (``privatefm.io/operator-<i>``).
+again afterwards. Which process handled a learner is read off its log: every pass that ends logs a
+line naming the learner (``privatefm_operator.controller``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from privatefm_operator import naming
 from privatefm_operator.sharding import KOPF_FINALIZER, shard_of
 from privatefm_testing.cluster import S3Info
 from privatefm_testing.kube import Kube, wait_for
@@ -81,6 +82,16 @@ def held(proc: OperatorProcess, shard: int) -> float | None:
     return None
 
 
+def handled(proc: OperatorProcess, name: str) -> bool:
+    """The process reconciled the learner (its log has a pass for it)."""
+    for line in proc.log_path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if entry.get("msg") == "learner reconciled" and entry.get("learner") == name:
+                return True
+    return False
+
+
 def finalizers(kube: Kube, name: str) -> list[str]:
     return list(get(kube, "lns", name).get("metadata", {}).get("finalizers") or [])
 
@@ -100,12 +111,12 @@ def apply_learner(kube: Kube, name: str, learner_id: str) -> None:
 def test_two_shards_split_the_learners_and_only_a_shards_standby_takes_it_over(
         kube: Kube, s3: S3Info, processes: Processes, uid: str) -> None:
     """Shard 0 has a holder and a standby, shard 1 a holder. Each learner is handled by its own
-    shard only (its kopf finalizer says which). SIGKILL shard 0's holder: shard 1 never takes its
+    shard only (the logs say which). SIGKILL shard 0's holder: shard 1 never takes its
     learners; the standby takes the Lease once it is not renewed for its duration, and a learner of
     shard 0 created meanwhile becomes Ready through it. Kill that one too: a shard-0 learner stays
     untouched while shard 1 runs. Only when the shard count changes (shard 1's process restarted
-    with one shard) does it take them, after the dead holder's Lease of the old count expired, and
-    the old shards' finalizers are dropped."""
+    with one shard) does it take them, after the dead holder's Lease of the old count expired; the
+    finalizers kopf left on learners in earlier versions are dropped then too."""
     a = processes.start(s3, "shard0-a", shards="2", shard_index="0", **LEASE)
     wait_for(lambda: held(a, 0) == 1, 30, "shard 0's holder to hold its Lease")
     standby = processes.start(s3, "shard0-b", shards="2", shard_index="0", **LEASE)
@@ -121,10 +132,9 @@ def test_two_shards_split_the_learners_and_only_a_shards_standby_takes_it_over(
             for learner_id in ids_of_shard(shard, 2, uid):
                 handles.append(make_learner(kube, s3, f"sh-{learner_id}", learner_id))
         for handle in handles:
-            shard = shard_of(handle.learner_id, 2)
-            got = finalizers(kube, handle.name)
-            assert f"{KOPF_FINALIZER}-{shard}" in got and f"{KOPF_FINALIZER}-{1 - shard}" not in got, got
-            assert KOPF_FINALIZER not in got  # the one-shard finalizer went: its process is gone
+            mine, other = (a, b) if shard_of(handle.learner_id, 2) == 0 else (b, a)
+            assert handled(mine, handle.name) and not handled(other, handle.name), handle.name
+            assert finalizers(kube, handle.name) == [naming.GUARDIAN_FINALIZER]  # no other: kopf's are gone
 
         # Shard 0's holder dies. Its standby takes over; shard 1 never does.
         a.kill()
@@ -139,8 +149,8 @@ def test_two_shards_split_the_learners_and_only_a_shards_standby_takes_it_over(
         assert held(standby, 0) == 1
         taken = lease(kube, 0)["spec"]
         assert taken["holderIdentity"] != first_holder and taken["leaseTransitions"] >= 1  # type: ignore[index]
-        assert f"{KOPF_FINALIZER}-0" in finalizers(kube, f"sh-{late0}")
-        assert f"{KOPF_FINALIZER}-1" not in finalizers(kube, f"sh-{late0}")
+        assert handled(standby, f"sh-{late0}") and not handled(b, f"sh-{late0}")
+        assert handled(b, f"sh-{late1}") and not handled(standby, f"sh-{late1}")
 
         # No holder left for shard 0: shard 1 leaves its learners alone.
         standby.kill()
@@ -150,11 +160,16 @@ def test_two_shards_split_the_learners_and_only_a_shards_standby_takes_it_over(
         time.sleep(8)
         untouched = get(kube, "lns", f"sh-{orphan}").get("status") or {}
         assert untouched == {"observedGeneration": 0}, untouched  # the schema's default alone
-        assert not [f for f in finalizers(kube, f"sh-{orphan}") if f.startswith(KOPF_FINALIZER)]
+        assert finalizers(kube, f"sh-{orphan}") == [] and not handled(b, f"sh-{orphan}")
 
         # The shard count changes to 1: shard 1's process restarts as the only shard and takes all,
-        # once no live Lease of the old count is left.
+        # once no live Lease of the old count is left. Two learners carry the finalizers kopf wrote
+        # in earlier versions (one per shard): the first pass drops them.
         b.stop()
+        legacy = [KOPF_FINALIZER, f"{KOPF_FINALIZER}-0", f"{KOPF_FINALIZER}-1"]
+        for handle in handles[:1] + handles[-1:]:
+            kube.kubectl("patch", "lns", handle.name, "--type=merge", "-p",
+                         json.dumps({"metadata": {"finalizers": [*finalizers(kube, handle.name), *legacy]}}))
         one = processes.start(s3, "one-shard", shards="1", shard_index="0", **LEASE)
         kube.kubectl("wait", "--for=condition=Ready", f"lns/sh-{orphan}", "--timeout=60s")
         assert held(one, 0) == 1
@@ -162,8 +177,9 @@ def test_two_shards_split_the_learners_and_only_a_shards_standby_takes_it_over(
         assert "with 2 shards, and this process runs with 1" in one.log_path.read_text()
         assert lease(kube, 0)["metadata"]["annotations"]["privatefm.io/shards"] == "1"  # type: ignore[index]
         for name in [h.name for h in handles] + names:
-            wait_for(lambda n=name: [f for f in finalizers(kube, n) if f.startswith(KOPF_FINALIZER)]
-                     == [KOPF_FINALIZER], 30, f"{name} to carry only the one-shard finalizer")
+            wait_for(lambda n=name: finalizers(kube, n) == [naming.GUARDIAN_FINALIZER], 30,
+                     f"{name} to carry only the guardian finalizer")
+            assert handled(one, name)
     finally:
         for name in [h.name for h in handles] + names:
             kube.kubectl("delete", "lns", name, "--wait=false", check=False)

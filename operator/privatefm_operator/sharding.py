@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from privatefm_operator import naming
 
-KOPF_FINALIZER = f"{naming.GROUP}/operator"  # kopf's, with one shard (and before sharding existed)
+KOPF_FINALIZER = f"{naming.GROUP}/operator"  # kopf's, on learners of earlier versions (one per shard: -N)
 _KOPF_FINALIZER = re.compile(re.escape(KOPF_FINALIZER) + r"(-\d+)?")
 _LEARNER_NAMESPACE = re.compile(r"lrn-(?P<id>.+)-[0-9a-f]{8}")
 _ORDINAL = re.compile(r".*-(?P<ordinal>\d+)")
@@ -83,22 +83,15 @@ class Shard:
         return self.index == 0 if learner_id is None else self.owns_learner(learner_id)
 
     @property
-    def finalizer(self) -> str:
-        """kopf's finalizer for this shard's learners. Each shard has its own: kopf removes its
-        finalizer from an object none of its handlers match, so a shared one would be taken off
-        another shard's learners."""
-        return KOPF_FINALIZER if self.count == 1 else f"{KOPF_FINALIZER}-{self.index}"
-
-    @property
     def lease(self) -> str:
         return f"privatefm-operator-shard-{self.index}"
 
 
-def owner_finalizers(finalizers: list[str], mine: str) -> list[str]:
-    """``finalizers`` without the kopf finalizers an earlier shard count left on a learner this
-    shard now owns. Only the owner calls this, and only once no process of another count holds a
-    Lease, so none of them is in use."""
-    return [f for f in finalizers if f == mine or not _KOPF_FINALIZER.fullmatch(f)]
+def without_kopf_finalizers(finalizers: list[str]) -> list[str]:
+    """``finalizers`` without those kopf wrote when it handled LearnerNamespaces (earlier versions,
+    one per shard). Only the learner's owner calls this, and only while it holds its shard's Lease,
+    so no process that could still need one runs."""
+    return [f for f in finalizers if not _KOPF_FINALIZER.fullmatch(f)]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from privatefm_operator.reconcilers.merge import MergeReconciler
 from privatefm_operator.reconcilers.retention import Retention
 from privatefm_operator.reconcilers.verify import VerifyChecks
 from privatefm_operator.settings import Settings
-from privatefm_operator.sharding import Shard
 from privatefm_operator.storage import Storage
 
 
@@ -31,10 +30,10 @@ class Reconcilers:
     verify: VerifyChecks
 
 
-def build(settings: Settings, shard: Shard | None = None) -> Reconcilers:
+def build(settings: Settings) -> Reconcilers:
     """The shared clients, made once (at operator start-up), and the reconcilers that use them."""
     clients = Clients(Kube(connections=settings.workers + 8), Storage(settings), settings)
-    learners = LearnerReconciler(clients, (shard or Shard()).finalizer)
+    learners = LearnerReconciler(clients)
     merges = MergeReconciler(clients, learners)
     learners.merges = merges
     learners.verify = VerifyChecks(clients)

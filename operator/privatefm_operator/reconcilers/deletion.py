@@ -34,7 +34,7 @@ from privatefm_operator.reconcilers.base import (
     write_status,
 )
 from privatefm_operator.reconcilers.learner import LearnerReconciler, claim_namespace, learner_of
-from privatefm_operator.sharding import owner_finalizers
+from privatefm_operator.sharding import without_kopf_finalizers
 
 log = logging.getLogger("privatefm.operator")
 NAMESPACE_POLL_SECONDS = 2.0
@@ -193,8 +193,7 @@ class DeletionReconciler:
     def release(self, scope: DeletionScope) -> None:
         """Removes the guardian finalizer (guarded by resourceVersion: a concurrent change is a 409)."""
         meta = scope.lns.metadata
-        kept = [f for f in owner_finalizers(meta.get("finalizers") or [], self.learners.kopf_finalizer)
-                if f != naming.GUARDIAN_FINALIZER]
+        kept = [f for f in without_kopf_finalizers(meta.get("finalizers") or []) if f != naming.GUARDIAN_FINALIZER]
         self.clients.kube.patch("LearnerNamespace", scope.lns.name, {"metadata": {
             "finalizers": kept, "resourceVersion": meta["resourceVersion"]}})
         log.info("learner deleted", extra={"fields": {"learner": scope.lns.name,

@@ -61,7 +61,7 @@ from privatefm_operator.reconcilers.base import (
 )
 from privatefm_operator.reconcilers.children import Children
 from privatefm_operator.reconcilers.verify import VerifyChecks, VerifyConflict
-from privatefm_operator.sharding import KOPF_FINALIZER, owner_finalizers
+from privatefm_operator.sharding import without_kopf_finalizers
 from privatefm_operator.storage import CredentialsDenied
 
 if TYPE_CHECKING:
@@ -129,9 +129,8 @@ def _fetch(clients: Clients, name: str) -> LearnerNamespace | Invalid:
 
 
 class LearnerReconciler:
-    def __init__(self, clients: Clients, kopf_finalizer: str = KOPF_FINALIZER) -> None:
+    def __init__(self, clients: Clients) -> None:
         self.clients = clients
-        self.kopf_finalizer = kopf_finalizer  # this shard's (``sharding.Shard.finalizer``)
         self.merges: MergeReconciler | None = None  # set once both exist (they refer to each other)
         self.verify: VerifyChecks | None = None
         self.retention: Retention | None = None  # set by build()
@@ -161,11 +160,6 @@ class LearnerReconciler:
         # which no watch event announces. A learner with none costs nothing here.
         if learner is not None and self.merges is not None and (full or self.merges.has_open_runs(learner.namespace)):
             self.merges.sweep(learner.namespace)
-
-    def repair(self, name: str) -> None:
-        """A child of this learner drifted or vanished (a watch event): reconcile it now."""
-        metrics.DRIFT_REPAIRS.inc()
-        self.refresh(name)
 
     def reconcile_only(self, lns: LearnerNamespace | Invalid, full: bool = False) -> Learner | None:
         name = lns.metadata["name"]
@@ -222,10 +216,10 @@ class LearnerReconciler:
 
     def hold(self, scope: LearnerScope) -> Step:
         """Every learner carries the guardian finalizer: a delete only marks it for a guardian's approval.
-        kopf finalizers of an earlier shard count are dropped: their shards no longer exist."""
+        It is the only finalizer the operator keeps: kopf's, from earlier versions, are dropped."""
         assert isinstance(scope.lns, LearnerNamespace)
         finalizers = scope.lns.metadata.get("finalizers") or []
-        wanted = owner_finalizers(finalizers, self.kopf_finalizer)
+        wanted = without_kopf_finalizers(finalizers)
         if naming.GUARDIAN_FINALIZER not in wanted:
             wanted.append(naming.GUARDIAN_FINALIZER)
         if wanted != finalizers:
