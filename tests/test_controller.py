@@ -13,6 +13,7 @@ from kubernetes.client.exceptions import ApiException
 from privatefm_operator import naming
 from privatefm_operator.controller import CONFLICT_DELAY, ERROR_DELAY, UNAVAILABLE_DELAY, LearnerController, Trigger
 from privatefm_operator.reconcilers.base import RetryLater
+from privatefm_operator.resyncs import restore
 
 
 def lns(name: str, generation: int = 1, learner_id: str | None = None, annotations: dict[str, str] | None = None,
@@ -69,7 +70,8 @@ class FakeResyncs:
         self.seen: list[str] = []
         self.dropped: list[str] = []
 
-    def see(self, body: dict[str, Any]) -> None:
+    def see(self, body: dict[str, Any], packed: bytes | None = None) -> None:
+        assert packed is not None and restore(packed)["spec"] == body["spec"]  # made once, handed on
         self.seen.append(body["metadata"]["name"])
 
     def drop(self, name: str) -> None:

@@ -40,6 +40,7 @@ from kubernetes.client.exceptions import ApiException
 from privatefm_operator import metrics, naming
 from privatefm_operator.api import LearnerNamespace
 from privatefm_operator.reconcilers.base import RetryLater, parse
+from privatefm_operator.resyncs import restore, snapshot
 from privatefm_operator.workqueue import WorkQueue
 
 log = logging.getLogger("privatefm.operator")
@@ -82,7 +83,7 @@ class LearnerController:
         self.learners, self.deletions, self.owns, self.resyncs = learners, deletions, owns, resyncs
         self.lock = threading.Lock()
         self.seen: dict[str, Trigger] = {}          # this shard's learners, as last queued
-        self.bodies: dict[str, dict[str, Any]] = {}  # the newest body of a queued learner
+        self.bodies: dict[str, bytes] = {}  # the newest body of a queued learner, as its (compressed) snapshot
         self.queue = WorkQueue(self.run, threads, "learner", error_delay=ERROR_DELAY)
 
     # ---- what the watch hands over -----------------------------------------------------------
@@ -94,18 +95,18 @@ class LearnerController:
             return
         if not self.owns(str((body.get("spec") or {}).get("learnerId", ""))):
             return
-        trigger = Trigger.of(body)
+        trigger, packed = Trigger.of(body), snapshot(body)
         if self.resyncs is not None:
             if trigger.deleting:
                 self.resyncs.drop(name)
             else:
-                self.resyncs.see(body)
+                self.resyncs.see(body, packed)
         with self.lock:
             changed = self.seen.get(name) != trigger
             if changed:
                 self.seen[name] = trigger
             if changed or name in self.bodies:
-                self.bodies[name] = body  # a queued pass works from the newest body
+                self.bodies[name] = packed  # a queued pass works from the newest body
         if changed:
             self.queue.add(name)
 
@@ -146,7 +147,8 @@ class LearnerController:
     @metrics.timed("learnernamespace")
     def _pass(self, name: str) -> float | None:
         with self.lock:
-            body = self.bodies.pop(name, None)
+            packed = self.bodies.pop(name, None)
+        body = None if packed is None else restore(packed)
         if body is None:
             body = self.learners.clients.kube.get("LearnerNamespace", name)
             if body is None:

@@ -74,8 +74,9 @@ class Resyncs:
         self.thread = threading.Thread(target=self.loop, name="resyncs", daemon=True)
 
     # ---- what the watch hands over -----------------------------------------------------------
-    def see(self, body: dict[str, Any]) -> None:
-        name, packed = body["metadata"]["name"], snapshot(body)
+    def see(self, body: dict[str, Any], packed: bytes | None = None) -> None:
+        """``packed``: the body's ``snapshot``, when the caller made it already."""
+        name, packed = body["metadata"]["name"], packed or snapshot(body)
         with self.lock:
             first = name not in self.bodies
             self.bodies[name] = packed
