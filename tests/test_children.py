@@ -103,6 +103,25 @@ def test_the_learner_named_for_repair_is_the_one_recorded_not_the_childs_labels(
     assert children.on_event("ResourceQuota", forged, deleted=False) == "ada"
 
 
+def test_a_learner_is_settled_only_while_every_child_applied_for_it_is_as_asked() -> None:
+    """What lets a pass skip building its children's requests (``LearnerReconciler.provision``)."""
+    children, netpol, quota = Children(), desired("NetworkPolicy"), desired("ResourceQuota")
+    assert not children.settled("ada")  # nothing applied yet
+    children.applied("ada", netpol, as_served(netpol))
+    children.applied("ada", quota, as_served(quota))
+    assert children.settled("ada") and not children.settled("bob")
+    edited = as_served(quota)
+    edited["spec"]["hard"] = {}
+    children.on_event("ResourceQuota", edited, deleted=False)
+    assert not children.settled("ada")  # drifted: the next pass applies
+    children.applied("ada", quota, as_served(quota))
+    assert children.settled("ada")
+    children.on_event("NetworkPolicy", as_served(netpol), deleted=True)
+    assert not children.settled("ada")  # vanished
+    children.forget("ada")
+    assert not children.settled("ada")
+
+
 def test_forgetting_a_learner_drops_all_it_had() -> None:
     children = Children()
     for kind in ("Namespace", "CronJob"):

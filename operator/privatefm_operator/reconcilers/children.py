@@ -49,6 +49,7 @@ class Children:
         self._lock = threading.Lock()
         self._asked: dict[Key, tuple[str, str, bytes]] = {}  # learner, the request's digest, the request (packed)
         self._satisfied: dict[Key, bool] = {}           # the last copy seen is what was asked
+        self._by_learner: dict[str, set[Key]] = {}       # learner: the keys of its children
         self._namespaces: dict[str, dict[str, Any]] = {}  # name: {"labels", "phase"} as last seen
 
     # ---- provisioning ------------------------------------------------------------------------
@@ -69,9 +70,16 @@ class Children:
         key = key_of(desired["kind"], desired["metadata"])
         with self._lock:
             self._asked[key] = (learner, _digest(desired), _pack(desired))
+            self._by_learner.setdefault(learner, set()).add(key)
             self._satisfied[key] = decisions.satisfies(desired, result)
             if desired["kind"] == "Namespace":
                 self._see_namespace(result)
+
+    def settled(self, learner: str) -> bool:
+        """Every child applied for ``learner`` is, as last seen, what was asked (and some were)."""
+        with self._lock:
+            keys = self._by_learner.get(learner) or set()
+            return bool(keys) and all(self._satisfied.get(key) for key in keys)
 
     def namespace(self, name: str) -> dict[str, Any] | None:
         """A learner namespace as last seen: ``{"metadata": {"labels"}, "status": {"phase"}}``."""
@@ -104,7 +112,7 @@ class Children:
     def forget(self, learner: str) -> None:
         """A learner is gone: nothing of it is kept any longer."""
         with self._lock:
-            for key in [k for k, (owner, _, _) in self._asked.items() if owner == learner]:
+            for key in self._by_learner.pop(learner, set()):
                 self._asked.pop(key, None)
                 self._satisfied.pop(key, None)
                 if key[0] == "Namespace":

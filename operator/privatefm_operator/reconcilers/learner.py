@@ -139,6 +139,7 @@ class LearnerReconciler:
         self._known: set[str] = set()
         self._warned: set[str] = set()
         self._last_full: dict[str, float] = {}  # learner: when its last full resync ran (monotonic)
+        self._provisioned: dict[str, int] = {}  # learner: the generation whose children this process applied
 
     # ---- entry points ------------------------------------------------------------------------
     def reconcile(self, lns: LearnerNamespace | Invalid) -> None:
@@ -195,6 +196,7 @@ class LearnerReconciler:
     def forget(self, name: str) -> None:
         self._known.discard(name)
         self._last_full.pop(name, None)
+        self._provisioned.pop(name, None)
         self.children.forget(name)
         metrics.LEARNER_NAMESPACES.set(len(self._known))
         metrics.forget_learner(name)
@@ -244,9 +246,15 @@ class LearnerReconciler:
         return Step.DONE
 
     def provision(self, scope: LearnerScope) -> Step:
-        """Applies the Namespace and its children (server-side apply: creates, repairs drift, or no-op)."""
+        """Applies the Namespace and its children (server-side apply: creates, repairs drift, or no-op).
+        Nothing to do, not even building the requests, when this process applied this generation's
+        children and every one of them is, as the watches last saw it, what was asked: a child that
+        drifts or vanishes makes the watch unsettle it and start a pass, and a full resync looks anyway."""
         learner, kube = scope.learner, self.clients.kube
         assert learner is not None
+        generation = scope.lns.metadata.get("generation")
+        if not scope.full and self._provisioned.get(learner.name) == generation and self.children.settled(learner.name):
+            return Step.CONTINUE
         existing = None if scope.full else self.children.namespace(learner.namespace)
         if existing is None:
             existing = kube.get("Namespace", learner.namespace)
@@ -275,6 +283,8 @@ class LearnerReconciler:
         if existing is None:
             scope.created = True
             scope.announcements.append(lambda: self._announce_created(scope))
+        if isinstance(generation, int):
+            self._provisioned[learner.name] = generation
         return Step.CONTINUE
 
     def recover_history(self, scope: LearnerScope) -> Step:
