@@ -30,22 +30,30 @@ if ((${#need_apt[@]})); then
 fi
 
 command -v go >/dev/null || { log "Go is required (go 1.24 or newer)"; exit 1; }
-bash scripts/build-tools.sh >/dev/null
 
 # Python: uv (itself pinned by hash, locks/uv.lock), the wheelhouse and the venv. Every wheel is
 # checked against the sha256 in locks/dev.lock: once when pip downloads it into the wheelhouse
 # (--require-hashes), and again when uv installs it into .venv, offline, from that wheelhouse. The
-# image builds install from the same wheelhouse (privatefm_testing.images).
-uv="$(bash scripts/uv.sh)"
+# image builds install from the same wheelhouse (privatefm_testing.images). The download waits on
+# the network and the Go builds on the CPU, so on a cold machine they run side by side.
 wheels="${PRIVATEFM_CACHE:-$HOME/.cache/privatefm}/wheels"
 lock_hash="$(sha256sum locks/dev.lock | cut -d' ' -f1)"
+download=""
 if [[ "$(cat "$wheels/.lock-sha256" 2>/dev/null)" != "$lock_hash" ]]; then
-  log "downloading the pinned wheels into $wheels"
+  log "downloading the pinned wheels into $wheels (beside the Go builds)"
   mkdir -p "$wheels"
   python3 -m pip download -q --disable-pip-version-check --progress-bar off --no-deps --require-hashes \
-    -d "$wheels" -r locks/dev.lock
+    -d "$wheels" -r locks/dev.lock &
+  download=$!
+  trap 'kill "$download" 2>/dev/null || true' EXIT  # a failed Go build leaves no download behind
+fi
+bash scripts/build-tools.sh >/dev/null
+if [[ -n "$download" ]]; then
+  wait "$download" || { log "downloading the pinned wheels failed"; exit 1; }
+  trap - EXIT
   echo "$lock_hash" > "$wheels/.lock-sha256"
 fi
+uv="$(bash scripts/uv.sh)"
 
 stamp=".venv/.privatefm-stamp"
 want="$(cat locks/dev.lock pyproject.toml tests/support/pyproject.toml | sha256sum | cut -d' ' -f1)"
