@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything the tests and the demo need on a fresh Debian machine:
 #   apt packages (etcd-server, openssl; for the real node: containerd, runc,
-#   containernetworking-plugins, iptables, buildah, mmdebstrap), the pinned Go builds
+#   containernetworking-plugins, iptables, nftables, buildah, mmdebstrap), the pinned Go builds
 #   (scripts/build-tools.sh, cached under ~/.cache/privatefm), the wheelhouse
 #   (~/.cache/privatefm/wheels: every wheel locks/dev.lock pins, hash-checked, downloaded once and used by both
 #   the venv and the image builds) and the Python environment (.venv, installed by uv from locks/dev.lock): the
@@ -18,7 +18,7 @@ command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 python3 -c "import venv, ensurepip" 2>/dev/null || need_apt+=(python3-venv)
 # The node (privatefm_testing.node) and its image builds (privatefm_testing.images).
-for pkg in containerd runc containernetworking-plugins iptables buildah mmdebstrap; do
+for pkg in containerd runc containernetworking-plugins iptables nftables buildah mmdebstrap; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then

@@ -8,7 +8,7 @@
 
 --node adds a real node (containerd, runc, kubelet, kube-scheduler, a bridge CNI network) that runs
 the project's own images, built from its Dockerfiles (privatefm_testing.node, .images). It needs
-root and Debian's containerd, runc, containernetworking-plugins, iptables, buildah and mmdebstrap.
+root and Debian's containerd, runc, containernetworking-plugins, iptables, nftables, buildah and mmdebstrap.
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ SYSCTLS = ("vm.overcommit_memory", "vm.panic_on_oom", "kernel.panic", "kernel.pa
            "kernel.keys.root_maxkeys", "kernel.keys.root_maxbytes", "net.ipv4.ip_forward",
            f"net.ipv4.conf.{BRIDGE}.forwarding")
 OUR_CHAIN_PREFIXES = ("KUBE-", "CNI-")
-DEBIAN_PACKAGES = ("containerd", "runc", "containernetworking-plugins", "iptables", "buildah", "mmdebstrap")
+DEBIAN_PACKAGES = ("containerd", "runc", "containernetworking-plugins", "iptables", "nftables", "buildah",
+                   "mmdebstrap")
 
 
 def run(args: Sequence[str | Path], check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -346,6 +347,7 @@ class Node:
         if link_exists(BRIDGE) and not before.bridge:
             run(["ip", "link", "delete", BRIDGE], check=False)
         remove_chains(set(iptables_chains()) - set(before.chains))
+        remove_new_tables(before.chains)
         for name, value in before.sysctls.items():
             if value is not None and read_sysctl(name) not in (None, value):
                 with contextlib.suppress(OSError):
@@ -375,6 +377,26 @@ def remove_chains(chains: set[str]) -> None:
             run([family, "-t", table, "-F", name], check=False)
         for name in names:
             run([family, "-t", table, "-X", name], check=False)
+
+
+def remove_new_tables(before: Sequence[str]) -> None:
+    """Deletes the iptables tables that did not exist before the node started and now hold no rule.
+    On a fresh machine the first iptables call (the kubelet's, the bridge plugin's) creates its
+    table with empty built-in chains, which no iptables command deletes; with the nf_tables backend
+    ``nft`` does. (The legacy backend's tables are kernel modules, left loaded.)"""
+    if not shutil.which("nft"):
+        return
+    existed = {c.rsplit(":", 1)[0] for c in before}
+    for family, nft_family in (("iptables", "ip"), ("ip6tables", "ip6")):
+        if not shutil.which(f"{family}-save") or "nf_tables" not in run([family, "-V"], check=False).stdout:
+            continue
+        for table in ("filter", "nat", "mangle", "raw", "security"):
+            if f"{family}:{table}" in existed:
+                continue
+            saved = run([f"{family}-save", "-t", table], check=False).stdout
+            if any(line.startswith(":") for line in saved.splitlines()) and not any(
+                    line.startswith("-A ") for line in saved.splitlines()):
+                run(["nft", "delete", "table", nft_family, table], check=False)
 
 
 def cni_config(directory: Path) -> dict[str, Any]:
