@@ -393,9 +393,8 @@ def remove_new_tables(before: Sequence[str]) -> None:
         for table in ("filter", "nat", "mangle", "raw", "security"):
             if f"{family}:{table}" in existed:
                 continue
-            saved = run([f"{family}-save", "-t", table], check=False).stdout
-            if any(line.startswith(":") for line in saved.splitlines()) and not any(
-                    line.startswith("-A ") for line in saved.splitlines()):
+            lines = run([f"{family}-save", "-t", table], check=False).stdout.splitlines()
+            if any(line.startswith(":") for line in lines) and not any(line.startswith("-A ") for line in lines):
                 run(["nft", "delete", "table", nft_family, table], check=False)
 
 
