@@ -53,20 +53,21 @@ MOD
   rm -rf "$out" && mv "$out.tmp" "$out"
 }
 
-k8s_dir="$CACHE/kubernetes-$KUBERNETES_VERSION"
-if [[ ! -x "$k8s_dir/kube-apiserver" || ! -x "$k8s_dir/kube-controller-manager" || ! -x "$k8s_dir/kubectl" ]]; then
-  k8s_build "$k8s_dir" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-    k8s.io/kubernetes/cmd/kubectl
-fi
-for b in kube-apiserver kube-controller-manager kubectl; do ln -sf "$k8s_dir/$b" "$BIN/$b"; done
+kubernetes() {  # the control plane, then the node's kubelet and kube-scheduler
+  local k8s_dir="$CACHE/kubernetes-$KUBERNETES_VERSION" node_dir="$CACHE/kubernetes-node-$KUBERNETES_VERSION"
+  if [[ ! -x "$k8s_dir/kube-apiserver" || ! -x "$k8s_dir/kube-controller-manager" || ! -x "$k8s_dir/kubectl" ]]; then
+    k8s_build "$k8s_dir" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+      k8s.io/kubernetes/cmd/kubectl
+  fi
+  for b in kube-apiserver kube-controller-manager kubectl; do ln -sf "$k8s_dir/$b" "$BIN/$b"; done
 
-# The node (privatefm_testing.node): kubelet and kube-scheduler, in their own cache directory so
-# that adding them did not rebuild the control plane.
-node_dir="$CACHE/kubernetes-node-$KUBERNETES_VERSION"
-if [[ ! -x "$node_dir/kubelet" || ! -x "$node_dir/kube-scheduler" ]]; then
-  k8s_build "$node_dir" k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-scheduler
-fi
-for b in kubelet kube-scheduler; do ln -sf "$node_dir/$b" "$BIN/$b"; done
+  # The node (privatefm_testing.node): kubelet and kube-scheduler, in their own cache directory so
+  # that adding them did not rebuild the control plane.
+  if [[ ! -x "$node_dir/kubelet" || ! -x "$node_dir/kube-scheduler" ]]; then
+    k8s_build "$node_dir" k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-scheduler
+  fi
+  for b in kubelet kube-scheduler; do ln -sf "$node_dir/$b" "$BIN/$b"; done
+}
 
 go_install() {  # name module@version
   local name="$1" target="$2" dir="$CACHE/$1-${2##*@}"
@@ -76,56 +77,68 @@ go_install() {  # name module@version
   fi
   ln -sf "$dir/$name" "$BIN/$name"
 }
-go_install helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
-go_install minio "github.com/minio/minio@$MINIO_VERSION"
 
-# ---- manifest linters (tests/test_chart_lint.py) ----
-go_install kubeconform "github.com/yannh/kubeconform/cmd/kubeconform@$KUBECONFORM_VERSION"
-# kube-score checks best practices (.kube-score.yaml); it runs wherever kube-linter cannot be built.
-go_install kube-score "github.com/zegl/kube-score/cmd/kube-score@$KUBE_SCORE_VERSION"
-# kube-linter's module (golang.stackrox.io/kube-linter) is refused by the module proxy this project
-# can reach, so it is built only where that works; the suite skips kube-linter, with this reason,
-# where the binary is missing. Set PRIVATEFM_KUBE_LINTER_SRC to a checkout of stackrox/kube-linter
-# at $KUBE_LINTER_VERSION to build it from source instead.
-if [[ ! -x "$CACHE/kube-linter-$KUBE_LINTER_VERSION/kube-linter" ]]; then
-  if [[ -n "${PRIVATEFM_KUBE_LINTER_SRC:-}" ]]; then
-    log "building kube-linter $KUBE_LINTER_VERSION from $PRIVATEFM_KUBE_LINTER_SRC"
-    (cd "$PRIVATEFM_KUBE_LINTER_SRC" && go build -trimpath -ldflags "-s -w" \
-      -o "$CACHE/kube-linter-$KUBE_LINTER_VERSION/kube-linter" ./cmd/kube-linter)
-  elif ! GOBIN="$CACHE/kube-linter-$KUBE_LINTER_VERSION" go install -trimpath -ldflags "-s -w" \
-      "golang.stackrox.io/kube-linter/cmd/kube-linter@$KUBE_LINTER_VERSION" 2>/dev/null; then
-    log "kube-linter $KUBE_LINTER_VERSION: not served by the module proxy; its tests will skip"
+tools() {  # helm, MinIO, the linters, promtool and Kueue
+  go_install helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  go_install minio "github.com/minio/minio@$MINIO_VERSION"
+
+  # ---- manifest linters (tests/test_chart_lint.py) ----
+  go_install kubeconform "github.com/yannh/kubeconform/cmd/kubeconform@$KUBECONFORM_VERSION"
+  # kube-score checks best practices (.kube-score.yaml); it runs wherever kube-linter cannot be built.
+  go_install kube-score "github.com/zegl/kube-score/cmd/kube-score@$KUBE_SCORE_VERSION"
+  # kube-linter's module (golang.stackrox.io/kube-linter) is refused by the module proxy this project
+  # can reach, so it is built only where that works; the suite skips kube-linter, with this reason,
+  # where the binary is missing. Set PRIVATEFM_KUBE_LINTER_SRC to a checkout of stackrox/kube-linter
+  # at $KUBE_LINTER_VERSION to build it from source instead.
+  if [[ ! -x "$CACHE/kube-linter-$KUBE_LINTER_VERSION/kube-linter" ]]; then
+    if [[ -n "${PRIVATEFM_KUBE_LINTER_SRC:-}" ]]; then
+      log "building kube-linter $KUBE_LINTER_VERSION from $PRIVATEFM_KUBE_LINTER_SRC"
+      (cd "$PRIVATEFM_KUBE_LINTER_SRC" && go build -trimpath -ldflags "-s -w" \
+        -o "$CACHE/kube-linter-$KUBE_LINTER_VERSION/kube-linter" ./cmd/kube-linter)
+    elif ! GOBIN="$CACHE/kube-linter-$KUBE_LINTER_VERSION" go install -trimpath -ldflags "-s -w" \
+        "golang.stackrox.io/kube-linter/cmd/kube-linter@$KUBE_LINTER_VERSION" 2>/dev/null; then
+      log "kube-linter $KUBE_LINTER_VERSION: not served by the module proxy; its tests will skip"
+    fi
   fi
-fi
-if [[ -x "$CACHE/kube-linter-$KUBE_LINTER_VERSION/kube-linter" ]]; then
-  ln -sf "$CACHE/kube-linter-$KUBE_LINTER_VERSION/kube-linter" "$BIN/kube-linter"
-fi
-# ---- end manifest linters ----
+  if [[ -x "$CACHE/kube-linter-$KUBE_LINTER_VERSION/kube-linter" ]]; then
+    ln -sf "$CACHE/kube-linter-$KUBE_LINTER_VERSION/kube-linter" "$BIN/kube-linter"
+  fi
+  # ---- end manifest linters ----
 
-# promtool: tests/test_monitoring.py checks the chart's PrometheusRule with it. Built without
-# Prometheus's service-discovery plugins (build tag remove_all_sd, Prometheus >= 3.10): rule
-# checks and rule tests need none, and leaving out the cloud SDKs makes a cold build minutes
-# shorter.
-promtool_dir="$CACHE/promtool-$PROMETHEUS_VERSION-nosd"
-if [[ ! -x "$promtool_dir/promtool" ]]; then
-  log "go install github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION (-tags remove_all_sd)"
-  GOBIN="$promtool_dir" go install -trimpath -tags remove_all_sd -ldflags "-s -w" \
-    "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION"
-fi
-ln -sf "$promtool_dir/promtool" "$BIN/promtool"
+  # promtool: tests/test_monitoring.py checks the chart's PrometheusRule with it. Built without
+  # Prometheus's service-discovery plugins (build tag remove_all_sd, Prometheus >= 3.10): rule
+  # checks and rule tests need none, and leaving out the cloud SDKs makes a cold build minutes
+  # shorter.
+  promtool_dir="$CACHE/promtool-$PROMETHEUS_VERSION-nosd"
+  if [[ ! -x "$promtool_dir/promtool" ]]; then
+    log "go install github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION (-tags remove_all_sd)"
+    GOBIN="$promtool_dir" go install -trimpath -tags remove_all_sd -ldflags "-s -w" \
+      "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION"
+  fi
+  ln -sf "$promtool_dir/promtool" "$BIN/promtool"
 
-# Kueue's controller manager and its CRDs (tests/test_kueue.py; privatefm_testing/kueue.py runs it).
-kueue_dir="$CACHE/kueue-$KUEUE_VERSION"
-if [[ ! -x "$kueue_dir/kueue" || ! -d "$kueue_dir/crds" ]]; then
-  log "go install sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION"
-  rm -rf "$kueue_dir.tmp" && mkdir -p "$kueue_dir.tmp/crds"
-  GOBIN="$kueue_dir.tmp" go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION"
-  kueue_src="$(GOFLAGS= go mod download -json "sigs.k8s.io/kueue@$KUEUE_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
-  cp "$kueue_src"/config/components/crd/bases/*.yaml "$kueue_dir.tmp/crds/"
-  rm -rf "$kueue_dir" && mv "$kueue_dir.tmp" "$kueue_dir"
-fi
-ln -sf "$kueue_dir/kueue" "$BIN/kueue"
-ln -sfn "$kueue_dir/crds" "$BIN/kueue-crds"
+  # Kueue's controller manager and its CRDs (tests/test_kueue.py; privatefm_testing/kueue.py runs it).
+  kueue_dir="$CACHE/kueue-$KUEUE_VERSION"
+  if [[ ! -x "$kueue_dir/kueue" || ! -d "$kueue_dir/crds" ]]; then
+    log "go install sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION"
+    rm -rf "$kueue_dir.tmp" && mkdir -p "$kueue_dir.tmp/crds"
+    GOBIN="$kueue_dir.tmp" go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION"
+    kueue_src="$(GOFLAGS= go mod download -json "sigs.k8s.io/kueue@$KUEUE_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
+    cp "$kueue_src"/config/components/crd/bases/*.yaml "$kueue_dir.tmp/crds/"
+    rm -rf "$kueue_dir" && mv "$kueue_dir.tmp" "$kueue_dir"
+  fi
+  ln -sf "$kueue_dir/kueue" "$BIN/kueue"
+  ln -sfn "$kueue_dir/crds" "$BIN/kueue-crds"
+}
+
+# Two lanes side by side: the compiler keeps both CPUs busy most of the time, but each build also
+# waits on the network (its modules) and on single-threaded links, which the other lane fills.
+kubernetes &
+k8s_lane=$!
+trap 'pkill -P "$k8s_lane" 2>/dev/null; kill "$k8s_lane" 2>/dev/null || true' EXIT  # a failed tool stops it
+tools
+wait "$k8s_lane" || { log "the Kubernetes builds failed"; exit 1; }
+trap - EXIT
 
 if ! command -v etcd >/dev/null 2>&1; then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then

@@ -34,36 +34,43 @@ command -v go >/dev/null || { log "Go is required (go 1.24 or newer)"; exit 1; }
 # Python: uv (itself pinned by hash, locks/uv.lock), the wheelhouse and the venv. Every wheel is
 # checked against the sha256 in locks/dev.lock: once when pip downloads it into the wheelhouse
 # (--require-hashes), and again when uv installs it into .venv, offline, from that wheelhouse. The
-# image builds install from the same wheelhouse (privatefm_testing.images). The download waits on
-# the network and the Go builds on the CPU, so on a cold machine they run side by side.
-wheels="${PRIVATEFM_CACHE:-$HOME/.cache/privatefm}/wheels"
-lock_hash="$(sha256sum locks/dev.lock | cut -d' ' -f1)"
-download=""
-if [[ "$(cat "$wheels/.lock-sha256" 2>/dev/null)" != "$lock_hash" ]]; then
-  log "downloading the pinned wheels into $wheels (beside the Go builds)"
-  mkdir -p "$wheels"
-  python3 -m pip download -q --disable-pip-version-check --progress-bar off --no-deps --require-hashes \
-    -d "$wheels" -r locks/dev.lock &
-  download=$!
-  trap 'kill "$download" 2>/dev/null || true' EXIT  # a failed Go build leaves no download behind
-fi
-bash scripts/build-tools.sh >/dev/null
-if [[ -n "$download" ]]; then
-  wait "$download" || { log "downloading the pinned wheels failed"; exit 1; }
-  trap - EXIT
-  echo "$lock_hash" > "$wheels/.lock-sha256"
-fi
-uv="$(bash scripts/uv.sh)"
+# image builds install from the same wheelhouse (privatefm_testing.images).
+python_env() {
+  local wheels="${PRIVATEFM_CACHE:-$HOME/.cache/privatefm}/wheels" lock_hash uv stamp want
+  lock_hash="$(sha256sum locks/dev.lock | cut -d' ' -f1)"
+  if [[ "$(cat "$wheels/.lock-sha256" 2>/dev/null)" != "$lock_hash" ]]; then
+    log "downloading the pinned wheels into $wheels (beside the Go builds)"
+    mkdir -p "$wheels"
+    python3 -m pip download -q --disable-pip-version-check --progress-bar off --no-deps --require-hashes \
+      -d "$wheels" -r locks/dev.lock
+    echo "$lock_hash" > "$wheels/.lock-sha256"
+  fi
+  uv="$(bash scripts/uv.sh)"
+  stamp=".venv/.privatefm-stamp"
+  want="$(cat locks/dev.lock pyproject.toml tests/support/pyproject.toml | sha256sum | cut -d' ' -f1)"
+  if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+    log "creating the Python environment (.venv)"
+    [[ -x .venv/bin/python ]] || python3 -m venv .venv
+    local offline=(--python .venv/bin/python --offline --no-index --find-links "$wheels" --quiet)
+    # Exactly the lock (anything else in .venv is removed), then the two local packages on top.
+    "$uv" pip sync "${offline[@]}" --require-hashes locks/dev.lock
+    "$uv" pip install "${offline[@]}" --no-deps -e . -e tests/support
+    echo "$want" > "$stamp"
+  fi
+  # The node's images, ahead of the node (CI sets this; privatefm_testing.images): building them
+  # mostly waits on the disk, which the Go builds hardly use.
+  if [[ "${PRIVATEFM_PREBUILD_IMAGES:-0}" == 1 ]]; then
+    log "building the node's images into buildah's storage (beside the Go builds)"
+    .venv/bin/privatefm-cluster images
+  fi
+}
 
-stamp=".venv/.privatefm-stamp"
-want="$(cat locks/dev.lock pyproject.toml tests/support/pyproject.toml | sha256sum | cut -d' ' -f1)"
-if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
-  log "creating the Python environment (.venv)"
-  [[ -x .venv/bin/python ]] || python3 -m venv .venv
-  offline=(--python .venv/bin/python --offline --no-index --find-links "$wheels" --quiet)
-  # Exactly the lock (anything else in .venv is removed), then the two local packages on top.
-  "$uv" pip sync "${offline[@]}" --require-hashes locks/dev.lock
-  "$uv" pip install "${offline[@]}" --no-deps -e . -e tests/support
-  echo "$want" > "$stamp"
-fi
+# The downloads and image builds wait on the network and the disk, the Go builds on the CPU: on a
+# cold machine they run side by side.
+python_env &
+python_lane=$!
+trap 'pkill -P "$python_lane" 2>/dev/null; kill "$python_lane" 2>/dev/null || true' EXIT  # a failed Go build stops it
+bash scripts/build-tools.sh >/dev/null
+wait "$python_lane" || { log "the Python environment or the images failed"; exit 1; }
+trap - EXIT
 log "ready: tools in ${PRIVATEFM_CACHE:-$HOME/.cache/privatefm}/bin, Python in .venv"

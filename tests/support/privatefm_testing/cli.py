@@ -5,6 +5,8 @@
     privatefm-cluster down [--dir DIR]           stop every process the cluster started; with a node, also
                                                  remove its mounts, bridge, iptables chains and paths, and
                                                  fail if anything is left
+    privatefm-cluster images                     build the node's images into buildah's storage ahead of
+                                                 the node (which then only imports them)
 
 --node adds a real node (containerd, runc, kubelet, kube-scheduler, a bridge CNI network) that runs
 the project's own images, built from its Dockerfiles (privatefm_testing.node, .images). It needs
@@ -38,13 +40,20 @@ def exports(state: ClusterState) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="privatefm-cluster", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["up", "env", "down"])
+    parser.add_argument("command", choices=["up", "env", "down", "images"])
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="state directory (default %(default)s)")
     parser.add_argument("--fresh", action="store_true", help="up: wipe the state directory first")
     parser.add_argument("--node", action="store_true", help="up: also start a real node running the project's images")
     args = parser.parse_args(argv)
     directory: Path = args.dir.resolve()
 
+    if args.command == "images":
+        from privatefm_testing.images import prebuild
+
+        logging.basicConfig(level=logging.INFO, format="[privatefm-cluster] %(message)s")
+        print("built: " + (" ".join(prebuild()) or "nothing (each image is built or imported already)"),
+              file=sys.stderr)
+        return 0
     if args.command == "up":
         if (directory / "cluster.json").exists():
             LocalCluster(directory).stop()

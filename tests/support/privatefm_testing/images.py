@@ -9,14 +9,20 @@ imported into the node's containerd.
   (``~/.cache/privatefm/wheels``, mounted read-only at /wheels), so torch is downloaded once for
   the venv and the image. The sandbox ("pause") image is the base running ``sleep infinity``.
 - **Cache.** Each image is tagged with a hash of everything that goes into it (its Dockerfile, the
-  files it copies, the base); an image containerd already holds under that tag is not rebuilt.
-  buildah's storage, its temporary files and containerd's root live under ``~/.cache/privatefm``.
+  files it copies, the base); an image containerd already holds under that tag is not rebuilt, and
+  one already exported is only imported. buildah's storage, its temporary files and
+  containerd's root live under ``~/.cache/privatefm``.
+- **Ahead of the node.** ``privatefm-cluster images`` (``prebuild``) builds what the node's
+  containerd has not taken yet and exports it as an OCI layout, with no node running.
+  ``scripts/setup.sh`` runs it beside the Go builds when ``PRIVATEFM_PREBUILD_IMAGES=1`` (CI sets
+  it): the builds mostly wait on the disk while the compiler keeps the CPUs busy, and the node then
+  only imports.
 - **Disk.** The merge image is 6.8 GB, all in one layer, and each copy of it is whole. buildah's
   commit holds four: the build container, a temporary tar of its layer, the copy its storage
-  receives, and the stored layer (24.4 GiB at the peak, measured). The transfer holds an OCI layout,
-  then containerd's content and its unpacked snapshot; it drops buildah's copy before containerd
-  takes its two. ``ensure_images`` checks the free space first and says what is missing, instead of
-  failing inside buildah's commit; older images and what a failed build left go first.
+  receives, and the stored layer (24.4 GiB at the peak, measured). The export is an OCI layout,
+  which replaces buildah's copy; containerd then takes two (its content and the unpacked snapshot).
+  A build checks the free space first and says what is missing, instead of failing inside
+  buildah's commit; older images and exports, and what a failed build left, go first.
 """
 
 from __future__ import annotations
@@ -154,17 +160,25 @@ def check_disk(name: str, ref: str) -> None:
             "(the merge image is 6.8 GB in one layer, and buildah's commit holds four copies of it)")
 
 
-def import_into(node: Node, ref: str, keep_in_buildah: bool) -> None:
-    """Moves an image from buildah's storage into the node's containerd, as an uncompressed OCI
-    layout (both sit on this disk, and compressing the merge image's gigabytes would cost minutes)
-    streamed into ``ctr images import``. buildah's copy of an application image is dropped before
-    containerd writes its own."""
-    layout = IMAGES / "transfer"
-    shutil.rmtree(layout, ignore_errors=True)
+def export(ref: str, keep_in_buildah: bool) -> None:
+    """Writes an image from buildah's storage as an uncompressed OCI layout (the layout and
+    containerd sit on this disk, and compressing the merge image's gigabytes would cost minutes).
+    buildah's copy of an application image is dropped then: containerd takes it from the layout."""
+    layout = layout_of(ref)
+    partial = layout.with_name(layout.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    buildah("push", "--quiet", "--disable-compression", ref, f"oci:{partial}:{ref}")
+    partial.rename(layout)
+    if not keep_in_buildah:
+        buildah("rmi", ref)
+
+
+def import_into(node: Node, ref: str) -> None:
+    """Streams the exported layout of ``ref`` into the node's containerd (``ctr images import``),
+    then removes the layout."""
+    layout = layout_of(ref)
     try:
-        buildah("push", "--quiet", "--disable-compression", ref, f"oci:{layout}:{ref}")
-        if not keep_in_buildah:
-            buildah("rmi", ref)
         tar = subprocess.Popen(["tar", "-C", str(layout), "-cf", "-", "."], stdout=subprocess.PIPE)
         try:
             imported = subprocess.run(["ctr", "--address", node.sock, "-n", "k8s.io", "images", "import", "-"],
@@ -176,6 +190,7 @@ def import_into(node: Node, ref: str, keep_in_buildah: bool) -> None:
         if imported.returncode != 0 or tar.returncode != 0:
             raise RuntimeError(f"ctr images import {ref} failed ({imported.returncode}, tar {tar.returncode}): "
                                f"{imported.stderr[-2000:]}")
+        mark_imported(ref)
     finally:
         shutil.rmtree(layout, ignore_errors=True)
 
@@ -191,28 +206,88 @@ def wanted() -> dict[str, str]:
 
 
 def ensure_images(node: Node) -> dict[str, str]:
-    """Makes sure the node's containerd holds the pause, operator and merge images, building and
-    importing whichever it lacks; returns their references."""
+    """Makes sure the node's containerd holds the pause, operator and merge images, building,
+    exporting and importing whichever it lacks; returns their references."""
     if not shutil.which("buildah") or not shutil.which("mmdebstrap"):
         raise RuntimeError("building images needs Debian's buildah and mmdebstrap; scripts/setup.sh installs them")
     refs = wanted()
     base = refs.pop("base")
     # Older images go first: an old merge image is two more copies on the disk the build needs.
     prune(node, set(refs.values()))
+    drop_stale(base, refs)
     have = set(node.ctr("images", "ls", "-q").stdout.split())
     for name, ref in refs.items():
         if ref in have:
+            mark_imported(ref)
             continue
-        ensure_base(base)
-        check_disk(name, ref)
-        if name == "pause":
-            build_pause(base, ref)
-        else:
-            build_dockerfile(f"Dockerfile.{name}", base, ref)
-        # Once containerd holds it, buildah's copy of an application image only takes disk.
-        import_into(node, ref, keep_in_buildah=name == "pause")
+        if not layout_of(ref).exists():
+            if ref not in built():
+                build(name, base, ref)
+            export(ref, keep_in_buildah=name == "pause")
+        import_into(node, ref)
     prune(node, set(refs.values()))
     return refs
+
+
+def prebuild() -> list[str]:
+    """Builds and exports each image the node's containerd has not taken yet, with no node running,
+    so that the node only imports; returns what it made. containerd cannot be asked without a node,
+    so what it took is read from the markers ``import_into`` leaves; where they are wrong, the node
+    builds what it lacks."""
+    if not shutil.which("buildah") or not shutil.which("mmdebstrap"):
+        raise RuntimeError("building images needs Debian's buildah and mmdebstrap; scripts/setup.sh installs them")
+    refs = wanted()
+    base = refs.pop("base")
+    drop_stale(base, refs)
+    made = []
+    for name, ref in refs.items():
+        if not imported_marker(ref).exists() and not layout_of(ref).exists():
+            if ref not in built():
+                build(name, base, ref)
+            export(ref, keep_in_buildah=name == "pause")
+            made.append(ref)
+    return made
+
+
+def build(name: str, base: str, ref: str) -> None:
+    ensure_base(base)
+    check_disk(name, ref)
+    if name == "pause":
+        build_pause(base, ref)
+    else:
+        build_dockerfile(f"Dockerfile.{name}", base, ref)
+
+
+def drop_stale(base: str, refs: dict[str, str]) -> None:
+    """What a failed build left, and older images and exports of this project (a merge image is
+    gigabytes), leave buildah's storage and the exports first."""
+    buildah("rm", "--all")
+    keep = {base, *refs.values()}
+    for stale in sorted(r for r in built() if r.startswith(f"{REPO}/") and r not in keep):
+        buildah("rmi", stale)
+    wanted_layouts = {layout_of(ref).name for ref in refs.values()}
+    for path in (IMAGES / "layouts").glob("*"):
+        if path.name not in wanted_layouts:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _key(ref: str) -> str:
+    return hashlib.sha256(ref.encode()).hexdigest()[:32]
+
+
+def layout_of(ref: str) -> Path:
+    """The image exported as an uncompressed OCI layout, ready for ``ctr images import``."""
+    return IMAGES / "layouts" / _key(ref)
+
+
+def imported_marker(ref: str) -> Path:
+    """There when the node's containerd (whose root is in the cache too) took ``ref``."""
+    return IMAGES / "imported" / _key(ref)
+
+
+def mark_imported(ref: str) -> None:
+    imported_marker(ref).parent.mkdir(parents=True, exist_ok=True)
+    imported_marker(ref).touch()
 
 
 def prune(node: Node, keep: set[str]) -> None:
@@ -226,3 +301,4 @@ def prune(node: Node, keep: set[str]) -> None:
         stale_alias = name.startswith("sha256:") and digest not in keep_digests
         if stale or stale_alias:
             node.ctr("images", "rm", "--sync", name, check=False)
+            imported_marker(name).unlink(missing_ok=True)
