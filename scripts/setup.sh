@@ -58,10 +58,11 @@ python_env() {
     echo "$want" > "$stamp"
   fi
   # The node's images, ahead of the node (CI sets this; privatefm_testing.images): building them
-  # mostly waits on the disk, which the Go builds hardly use.
+  # mostly waits on the disk, which the Go builds hardly use. Go's caches grow to about 12 GB
+  # meanwhile, so a build that would leave less free is left to the node.
   if [[ "${PRIVATEFM_PREBUILD_IMAGES:-0}" == 1 ]]; then
-    log "building the node's images into buildah's storage (beside the Go builds)"
-    .venv/bin/privatefm-cluster images
+    log "building and exporting the node's images (beside the Go builds)"
+    .venv/bin/privatefm-cluster images --reserve-gib 14
   fi
 }
 

@@ -5,8 +5,8 @@
     privatefm-cluster down [--dir DIR]           stop every process the cluster started; with a node, also
                                                  remove its mounts, bridge, iptables chains and paths, and
                                                  fail if anything is left
-    privatefm-cluster images                     build the node's images into buildah's storage ahead of
-                                                 the node (which then only imports them)
+    privatefm-cluster images [--reserve-gib N]   build and export the node's images ahead of the node
+                                                 (which then only imports them)
 
 --node adds a real node (containerd, runc, kubelet, kube-scheduler, a bridge CNI network) that runs
 the project's own images, built from its Dockerfiles (privatefm_testing.node, .images). It needs
@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="state directory (default %(default)s)")
     parser.add_argument("--fresh", action="store_true", help="up: wipe the state directory first")
     parser.add_argument("--node", action="store_true", help="up: also start a real node running the project's images")
+    parser.add_argument("--reserve-gib", type=float, default=0,
+                        help="images: leave to the node each build that would leave less than this free")
     args = parser.parse_args(argv)
     directory: Path = args.dir.resolve()
 
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         from privatefm_testing.images import prebuild
 
         logging.basicConfig(level=logging.INFO, format="[privatefm-cluster] %(message)s")
-        print("built: " + (" ".join(prebuild()) or "nothing (each image is built or imported already)"),
+        print("built: " + (" ".join(prebuild(args.reserve_gib)) or "nothing (each image is built or imported already)"),
               file=sys.stderr)
         return 0
     if args.command == "up":

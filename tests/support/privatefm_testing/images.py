@@ -229,11 +229,12 @@ def ensure_images(node: Node) -> dict[str, str]:
     return refs
 
 
-def prebuild() -> list[str]:
+def prebuild(reserve_gib: float = 0) -> list[str]:
     """Builds and exports each image the node's containerd has not taken yet, with no node running,
     so that the node only imports; returns what it made. containerd cannot be asked without a node,
     so what it took is read from the markers ``import_into`` leaves; where they are wrong, the node
-    builds what it lacks."""
+    builds what it lacks. An image whose build would leave less than ``reserve_gib`` free (for
+    what runs beside it) is left to the node."""
     if not shutil.which("buildah") or not shutil.which("mmdebstrap"):
         raise RuntimeError("building images needs Debian's buildah and mmdebstrap; scripts/setup.sh installs them")
     refs = wanted()
@@ -243,6 +244,11 @@ def prebuild() -> list[str]:
     for name, ref in refs.items():
         if not imported_marker(ref).exists() and not layout_of(ref).exists():
             if ref not in built():
+                if free_gib() < DISK_NEEDED_GIB[name] + reserve_gib:
+                    log.warning("not building %s now: %.1f GiB free, and it needs %d GiB besides the %.0f GiB "
+                                "kept for what runs beside it; the node will build it", ref, free_gib(),
+                                DISK_NEEDED_GIB[name], reserve_gib)
+                    continue
                 build(name, base, ref)
             export(ref, keep_in_buildah=name == "pause")
             made.append(ref)
