@@ -3,8 +3,9 @@ while it works, and everything still converges, with no duplicate and no partial
 
 - kube-apiserver restarted, and etcd restarted, in the middle of a rollout: the operator (a real
   process, never restarted here) reconnects by itself and every learner becomes Ready;
-- the S3 server stopped in the middle of a merge storm, then started again: every run ends
-  Succeeded or Failed with a reason, and no partial version ever becomes current;
+- the S3 server stopped in the middle of a merge storm, with one merge pod's upload cut halfway
+  (``privatefm_testing.storeproxy``), then started again: every run ends Succeeded or Failed with a
+  reason, and no partial version ever becomes current;
 - the operator SIGKILLed again and again at random points of a rollout with merges in flight:
   every learner Ready, no duplicate Job or AdapterMerge, no version reused or skipped.
 
@@ -20,6 +21,7 @@ import copy
 import json
 import os
 import random
+import re
 import threading
 import time
 from collections import defaultdict
@@ -27,6 +29,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -38,6 +41,7 @@ from privatefm_testing.cluster import ClusterState, LocalCluster, S3Info, pid_al
 from privatefm_testing.kube import Kube, wait_for
 from privatefm_testing.operator_proc import OperatorProcess
 from privatefm_testing.podrunner import Hooks, PodRunner
+from privatefm_testing.storeproxy import StoreProxy
 from test_operator import APPROVAL, GUARDIAN, LearnerHandle, get
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -62,6 +66,19 @@ def chaos_operator(operator: OperatorProcess, podrunner: Any) -> Iterator[Operat
         pytest.skip("the chaos tests hold merge pods' reports through the local pod runner")
     with operator.restarted(PRIVATEFM_MERGE_CONCURRENCY=str(LIMIT)) as limited:
         yield limited
+
+
+@pytest.fixture
+def store_proxy(chaos_operator: OperatorProcess, s3: S3Info) -> Iterator[StoreProxy]:
+    """A proxy in front of the store that the chaos operator, and so its merge pods, go through."""
+    store = urlsplit(s3.endpoint)
+    assert store.hostname and store.port
+    proxy = StoreProxy((store.hostname, store.port)).start()
+    try:
+        with chaos_operator.restarted(PRIVATEFM_S3_ENDPOINT=proxy.url):
+            yield proxy
+    finally:
+        proxy.stop()
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -427,19 +444,22 @@ def test_apiserver_and_etcd_restarted_mid_rollout_the_operator_reconnects_and_co
 
 # ---- 2. the store stopped during a merge storm --------------------------------------------------
 def test_a_store_outage_during_a_merge_storm_ends_every_run_and_never_makes_a_partial_version_current(
-        kube: Kube, s3: S3Info, cluster: LocalCluster, chaos_operator: OperatorProcess, hooks: Hooks,
+        kube: Kube, s3: S3Info, cluster: LocalCluster, store_proxy: StoreProxy, hooks: Hooks,
         uid: str, request: pytest.FixtureRequest) -> None:
     """8 learners ask for two merges each at once (16 real merges, at most LIMIT=3 running). The
     reports of the first runs to finish are held until the store is down, so the operator accepts
-    them during the outage. MinIO is killed (SIGKILL, as a crash) while merges are running, and
-    started again 15 s later (longer than the store grace of 8 s). Every run ends Succeeded or
-    Failed with a reason; each learner's versions went to one run each, with no gap; every
-    checkpoint any learner ever showed as current (a watch sees every status) is whole and
-    verifies (manifest, every file, sha256); and every learner is Ready again."""
+    them during the outage. The operator and the merge pods reach the store through a proxy, which
+    then cuts the next checkpoint upload halfway: the store has half of that file's body. MinIO is
+    killed there (SIGKILL, as a crash), with merges running, and started again 15 s later (longer
+    than the store grace of 8 s). Every run ends Succeeded or Failed with a reason, the cut one
+    too; each learner's versions went to one run each, with no gap; every checkpoint any learner
+    ever showed as current (a watch sees every status) is whole and verifies (manifest, every file,
+    sha256); and every learner is Ready again."""
     count = 8
     bodies = fleet_bodies("cs", uid, count)
     names = [b["metadata"]["name"] for b in bodies]
     request.addfinalizer(lambda: delete_fleet(kube, names))
+    proxy = store_proxy
     apply_fleet(kube, bodies)
     handles = [handle_of(kube, s3, obj) for obj in wait_all_ready(kube, names, timeout=120).values()]
     for handle in handles:
@@ -470,6 +490,9 @@ def test_a_store_outage_during_a_merge_storm_ends_every_run_and_never_makes_a_pa
                        for by_name in merges_in(kube, namespaces).values() for am in by_name.values())
         wait_for(lambda: len(held) == 2 and running() >= LIMIT, 180,
                  "two runs' reports held and merge pods running")
+        uids = "|".join(re.escape(h.ns_uid) for h in handles)
+        cut = proxy.arm(rf"^PUT /{s3.bucket}/learners/({uids})/checkpoints/v\d+/[^ ?]+\.safetensors[ ?]".encode())
+        assert cut.done.wait(120), "no checkpoint upload came through the proxy to be cut"
         assert cluster.state is not None
         old_pid = cluster.state.pids["minio"]
         cluster.stop_component("minio", hard=True)
@@ -513,6 +536,15 @@ def test_a_store_outage_during_a_merge_storm_ends_every_run_and_never_makes_a_pa
         if current:
             assert_checkpoint_sound(s3, handle.ns_uid, current)
     print(f"outcomes: {dict(outcomes)}; held: {held}")
+    # The cut upload: the store had half its body when it died; that run ended like every other.
+    assert 0 < cut.forwarded == cut.body_bytes // 2, (cut.request_line, cut.forwarded, cut.body_bytes)
+    cut_at = re.search(r"/learners/([^/]+)/checkpoints/v(\d+)/", cut.request_line)
+    assert cut_at, cut.request_line
+    (cut_handle,) = [h for h in handles if h.ns_uid == cut_at[1]]
+    (cut_run,) = [am for am in found[cut_handle.namespace].values()
+                  if am["status"].get("targetVersion") == int(cut_at[2])]
+    print(f"cut {cut.request_line!r} after {cut.forwarded} of {cut.body_bytes} bytes: "
+          f"{cut_run['metadata']['name']} ended {cut_run['status']['phase']}/{cut_run['status'].get('reason')}")
     # The held runs reported in the outage: none was accepted before the store was back to check it.
     for key in held:
         namespace, pod = key.split("/")
