@@ -191,15 +191,24 @@ class Bench:
         window = self.args.idle
         time.sleep(15)  # the last learners' passes settle
         cpu0, req0, t0 = self.operator_cpu(), self.request_total(), time.monotonic()
-        applies0 = self.applies()
+        applies0, own0 = self.applies(), self.own_requests()
         time.sleep(window)
         cpu1, req1, t1 = self.operator_cpu(), self.request_total(), time.monotonic()
+        own1 = self.own_requests()
         wall = t1 - t0
         self.results["idle_window_seconds"] = window
         self.results["idle_requests_per_second"] = round((req1 - req0) / wall, 2)
         self.results["idle_operator_cpu_percent"] = round(100 * (cpu1 - cpu0) / wall, 2)
         self.results["idle_operator_rss_mib"] = round(self.operator_rss_mib(), 1)
         self.results["idle_child_applies"] = self.applies() - applies0
+        # What the operator's own client counted (privatefm_api_requests_total; kopf's three watches
+        # aside): the operator's share, without a baseline to subtract.
+        sent: dict[str, float] = {}
+        for series, value in own1.items():
+            verb = series.split('verb="', 1)[1].split('"', 1)[0]
+            sent[verb] = sent.get(verb, 0.0) + value - own0.get(series, 0.0)
+        self.results["idle_operator_client_requests_per_second"] = round(sum(sent.values()) / wall, 3)
+        self.results["idle_operator_client_requests_by_verb"] = {v: int(n) for v, n in sorted(sent.items()) if n}
         # The same window's requests with the operator stopped: what the control plane makes by itself.
         base_window = min(window, 60)
         self.operator.stop()
@@ -215,6 +224,10 @@ class Bench:
 
     def applies(self) -> float:
         return sum(v for k, v in self.operator.metrics().items() if k.startswith("privatefm_child_applies_total"))
+
+    def own_requests(self) -> dict[str, float]:
+        """The operator's own client's requests so far, per series of privatefm_api_requests_total."""
+        return {k: v for k, v in self.operator.metrics().items() if k.startswith("privatefm_api_requests_total{")}
 
     # ---- 4. drift --------------------------------------------------------------------------------
     def drift(self) -> None:
@@ -329,7 +342,9 @@ def markdown(r: dict[str, Any]) -> str:
              f"making the same writes) {r['floor_seconds']} s: **{r['rollout_vs_floor']}x** | <= 1.3x the floor |",
              f"| idle API requests/s at {r['learners']} learners ({r['idle_window_seconds']} s window) | "
              f"{r['idle_requests_per_second']} with the operator, {r['baseline_requests_per_second']} without it: "
-             f"**{r['idle_operator_requests_per_second']}** from the operator | ≤ 5 |",
+             f"**{r['idle_operator_requests_per_second']}** from the operator; its own client counted "
+             f"**{r.get('idle_operator_client_requests_per_second')}** "
+             f"({r.get('idle_operator_client_requests_by_verb')} in the window) | ≤ 5 |",
              f"| idle operator CPU at {r['learners']} learners | **{r['idle_operator_cpu_percent']}%** of a core | "
              "< 5% of a core at 10,000 |",
              f"| operator RSS at {r['learners']} learners | **{r['idle_operator_rss_mib']} MiB** | "

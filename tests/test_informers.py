@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 from privatefm_operator import informers
 from privatefm_operator.kube import Kube as OperatorKube
 from privatefm_testing.kube import Kube
@@ -101,3 +102,29 @@ def test_watch_windows_end_and_resume_from_the_last_version_without_a_relist(
     assert lists == ["LimitRange"], "a window's end must not relist"
     versions = [v for _, _, v in seen.events]
     assert len(versions) == len(set(versions)) == 3, f"each change exactly once: {seen.events}"
+
+
+def test_the_operators_client_counts_each_request_by_verb_kind_and_answer(kube: Kube, namespace: str,
+                                                                          uid: str) -> None:
+    """``privatefm_api_requests_total``: what the operator costs the API server, from its own client."""
+    from prometheus_client import REGISTRY
+
+    def count(verb: str, kind: str, code: str) -> float:
+        return REGISTRY.get_sample_value("privatefm_api_requests_total",
+                                         {"verb": verb, "resource": kind, "code": code}) or 0.0
+
+    api = OperatorKube(kube.api_client())
+    body = json.loads(limit_range(namespace, f"counted-{uid}", uid))
+    before = {key: count(*key) for key in [("get", "LimitRange", "404"), ("apply", "LimitRange", "2xx"),
+                                           ("get", "LimitRange", "2xx"), ("list", "LimitRange", "2xx"),
+                                           ("delete", "LimitRange", "2xx"), ("apply", "LimitRange", "422")]}
+    assert api.get("LimitRange", body["metadata"]["name"], namespace) is None
+    api.apply(body)
+    assert api.get("LimitRange", body["metadata"]["name"], namespace) is not None
+    assert [o["metadata"]["name"] for o in api.list("LimitRange", namespace, f"privatefm-test/informer={uid}")] == [
+        body["metadata"]["name"]]
+    with pytest.raises(ApiException) as refused:  # a name the API server's validation refuses
+        api.apply({**body, "metadata": {**body["metadata"], "name": "Not_A_Name"}})
+    assert refused.value.status == 422
+    assert api.delete("LimitRange", body["metadata"]["name"], namespace)
+    assert {key: count(*key) - n for key, n in before.items()} == {key: 1.0 for key in before}

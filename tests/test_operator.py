@@ -204,6 +204,11 @@ def test_an_idle_learner_costs_no_applies(kube: Kube, learner: LearnerHandle, op
     before = applies()
     time.sleep(7)  # three or more passes of every learner
     assert applies() == before
+    # Every request of the operator's own client is counted, by verb, resource and status: the
+    # learner's namespace was applied (and answered), and nothing is left unlabelled.
+    requests = {k: v for k, v in operator.metrics().items() if k.startswith("privatefm_api_requests_total{")}
+    assert requests.get('privatefm_api_requests_total{verb="apply",resource="Namespace",code="2xx"}', 0) >= 1
+    assert all('verb="' in k and 'resource="' in k and 'code="' in k for k in requests), requests
     assert get(kube, "networkpolicy", "privatefm-isolation", "-n", learner.namespace)["metadata"]["annotations"][
         "privatefm.io/desired-hash"]
 

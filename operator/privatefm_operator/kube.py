@@ -6,6 +6,7 @@ what is missing and restores what drifted, and is a no-op when nothing changed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -17,6 +18,8 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from privatefm_merge.clock import rfc3339
+
+from privatefm_operator.metrics import API_REQUESTS
 
 FIELD_MANAGER = "privatefm-operator"
 log = logging.getLogger(__name__)
@@ -64,18 +67,20 @@ class Kube:
             path += f"/{sub}"
         return path
 
-    def _call(self, method: str, path: str, body: Any = None, query: list[tuple[str, str]] | None = None,
-              content_type: str = "application/json") -> Any:
-        return self.api.call_api(
-            path, method, query_params=query or [], body=body,
-            header_params={"Content-Type": content_type, "Accept": "application/json"},
-            response_types_map={200: "object", 201: "object"}, auth_settings=["BearerToken"],
-            _return_http_data_only=True,
-        )
+    def _call(self, verb: str, kind: str, method: str, path: str, body: Any = None,
+              query: list[tuple[str, str]] | None = None, content_type: str = "application/json") -> Any:
+        """One request; ``verb`` and ``kind`` label it in ``privatefm_api_requests_total``."""
+        with counted(verb, kind):
+            return self.api.call_api(
+                path, method, query_params=query or [], body=body,
+                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                response_types_map={200: "object", 201: "object"}, auth_settings=["BearerToken"],
+                _return_http_data_only=True,
+            )
 
     def get(self, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
         try:
-            return dict(self._call("GET", self._path(kind, namespace, name)))
+            return dict(self._call("get", kind, "GET", self._path(kind, namespace, name)))
         except ApiException as err:
             if err.status == 404:
                 return None
@@ -86,7 +91,7 @@ class Kube:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                found = self._call("GET", group_version_path).get("resources", [])
+                found = self._call("discovery", plural, "GET", group_version_path).get("resources", [])
                 if any(r.get("name") == plural for r in found):
                     return True
             except ApiException as err:
@@ -97,13 +102,13 @@ class Kube:
 
     def list(self, kind: str, namespace: str | None = None, selector: str | None = None) -> list[dict[str, Any]]:
         query = [("labelSelector", selector)] if selector else []
-        return list(self._call("GET", self._path(kind, namespace), query=query).get("items", []))
+        return list(self._call("list", kind, "GET", self._path(kind, namespace), query=query).get("items", []))
 
     def list_page(self, kind: str, selector: str, limit: int, continue_: str | None) -> dict[str, Any]:
         """One page of a cluster-wide list: ``items``, and ``metadata`` with ``resourceVersion`` and
         ``continue``."""
         query = [("labelSelector", selector), ("limit", str(limit))] + ([("continue", continue_)] if continue_ else [])
-        return dict(self._call("GET", self._path(kind, None), query=query))
+        return dict(self._call("list", kind, "GET", self._path(kind, None), query=query))
 
     def watch(self, kind: str, selector: str, resource_version: str, seconds: int) -> Iterator[dict[str, Any]]:
         """A cluster-wide watch from ``resource_version``, with bookmarks, that the API server ends
@@ -111,10 +116,11 @@ class Kube:
         stays silent past the server's own deadline is given up (``urllib3`` raises)."""
         query = [("watch", "true"), ("labelSelector", selector), ("resourceVersion", resource_version),
                  ("allowWatchBookmarks", "true"), ("timeoutSeconds", str(seconds))]
-        response = self.api.call_api(self._path(kind, None), "GET", query_params=query,
-                                     header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
-                                     _preload_content=False, _return_http_data_only=True,
-                                     _request_timeout=(10, seconds + 30))
+        with counted("watch", kind):
+            response = self.api.call_api(self._path(kind, None), "GET", query_params=query,
+                                         header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
+                                         _preload_content=False, _return_http_data_only=True,
+                                         _request_timeout=(10, seconds + 30))
         try:
             for line in response:
                 if line.strip():
@@ -125,15 +131,16 @@ class Kube:
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]
         path = self._path(obj["kind"], meta.get("namespace"), meta["name"])
-        return dict(self._call("PATCH", path, body=obj, content_type="application/apply-patch+yaml",
+        return dict(self._call("apply", obj["kind"], "PATCH", path, body=obj,
+                               content_type="application/apply-patch+yaml",
                                query=[("fieldManager", FIELD_MANAGER), ("force", "true")]))
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         """Creates ``obj``; returns None when it already exists (deterministic names make this safe)."""
         meta = obj["metadata"]
         try:
-            return dict(self._call("POST", self._path(obj["kind"], meta.get("namespace")), body=obj,
-                                   query=[("fieldManager", FIELD_MANAGER)]))
+            return dict(self._call("create", obj["kind"], "POST", self._path(obj["kind"], meta.get("namespace")),
+                                   body=obj, query=[("fieldManager", FIELD_MANAGER)]))
         except ApiException as err:
             if err.status == 409:
                 return None
@@ -142,7 +149,7 @@ class Kube:
     def patch(self, kind: str, name: str, patch: dict[str, Any], namespace: str | None = None,
               subresource: str | None = None) -> dict[str, Any]:
         """JSON merge patch. Put ``metadata.resourceVersion`` in ``patch`` for optimistic concurrency."""
-        return dict(self._call("PATCH", self._path(kind, namespace, name, subresource), body=patch,
+        return dict(self._call("patch", kind, "PATCH", self._path(kind, namespace, name, subresource), body=patch,
                                content_type="application/merge-patch+json",
                                query=[("fieldManager", FIELD_MANAGER)]))
 
@@ -151,7 +158,7 @@ class Kube:
         e.g. ``Background`` for a Job, whose pods the API would otherwise orphan."""
         query = [("propagationPolicy", propagation)] if propagation else []
         try:
-            self._call("DELETE", self._path(kind, namespace, name), query=query)
+            self._call("delete", kind, "DELETE", self._path(kind, namespace, name), query=query)
         except ApiException as err:
             if err.status == 404:
                 return False
@@ -176,11 +183,25 @@ class Kube:
             "firstTimestamp": now, "lastTimestamp": now, "eventTime": None, "count": 1,
         }
         try:
-            self._call("POST", self._path("Event", namespace), body=body)
+            self._call("create", "Event", "POST", self._path("Event", namespace), body=body)
         except ApiException as err:
             log.warning("could not post event %s: %s", reason, err.reason)
         except urllib3.exceptions.HTTPError as err:  # the API server is away: the event is lost, not the work
             log.warning("could not post event %s: %s", reason, err)
+
+
+@contextlib.contextmanager
+def counted(verb: str, kind: str) -> Iterator[None]:
+    """Counts one request in ``privatefm_api_requests_total``, labelled with its answer's status."""
+    code = "error"
+    try:
+        yield
+        code = "2xx"
+    except ApiException as err:
+        code = str(err.status)
+        raise
+    finally:
+        API_REQUESTS.labels(verb, kind, code).inc()
 
 
 def api_message(err: ApiException) -> str:

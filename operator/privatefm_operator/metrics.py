@@ -38,6 +38,9 @@ RECONCILE_ERRORS = Counter("privatefm_reconcile_errors_total", "Reconciles that 
 CHILD_APPLIES = Counter("privatefm_child_applies_total", "Server-side applies of learners' children, by why: "
                         "unseen, changed (the spec), drifted (a watch showed it), full (the periodic resync)",
                         ["kind", "reason"])
+API_REQUESTS = Counter("privatefm_api_requests_total", "Requests the operator's own client sent to the Kubernetes "
+                       "API (kopf's watches of AdapterMerges, Jobs and CRDs not included), by verb, resource "
+                       "and HTTP status (error: no answer)", ["verb", "resource", "code"])
 DRIFT_REPAIRS = Counter("privatefm_drift_repairs_total", "Learner passes started by a watch event: a child "
                         "drifted from its spec or was deleted")
 ACCEPT_BYTES_READ = Counter("privatefm_accept_bytes_read_total", "Checkpoint bytes the operator read to accept "
