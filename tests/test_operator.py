@@ -701,6 +701,33 @@ def test_a_second_learner_with_the_same_id_touches_nothing(kube: Kube, learner: 
         kube.kubectl("delete", "lns", twin, "--wait=false", check=False)
 
 
+def test_a_namespace_the_operator_did_not_make_is_never_taken(kube: Kube, operator: OperatorProcess, uid: str) -> None:
+    """An admin's namespace that happens to have the name a learnerId maps to: the learner stalls
+    with NamespaceConflict, and the namespace keeps its labels and gets no child."""
+    from privatefm_operator import naming
+
+    learner_id = f"taken{uid}"
+    namespace = naming.namespace_name(learner_id, naming.ns_uid(learner_id))
+    kube.kubectl("create", "namespace", namespace)
+    labels_before = get(kube, "namespace", namespace)["metadata"].get("labels")
+    name = f"taken-{uid}"
+    body = yaml.safe_load((REPO / "manifests" / "samples" / "learnernamespace-minimal.yaml").read_text())
+    body["metadata"]["name"] = name
+    body["spec"]["learnerId"] = learner_id
+    kube.kubectl("apply", "-f", "-", input=json.dumps(body))
+    try:
+        stalled = wait_for(lambda: (c := condition(get(kube, "lns", name).get("status") or {}, "Stalled")).get(
+            "reason") == "NamespaceConflict" and c, 20, "the learner to be Stalled/NamespaceConflict")
+        assert namespace in stalled["message"]
+        time.sleep(2)  # more passes of the learner
+        assert get(kube, "namespace", namespace)["metadata"].get("labels") == labels_before
+        for kind in ("serviceaccounts", "networkpolicies", "resourcequotas", "limitranges", "cronjobs"):
+            assert not json.loads(kube.kubectl("get", kind, "-n", namespace, "-o", "json").stdout)["items"], kind
+    finally:
+        kube.kubectl("delete", "lns", name, "--wait=false", check=False)
+        kube.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
 def test_a_recreated_learner_readopts_its_namespace_and_history(kube: Kube, learner: LearnerHandle) -> None:
     learner.request_merge("before")
     assert learner.wait_merge("before")["status"]["phase"] == "Succeeded"
