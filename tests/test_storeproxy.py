@@ -76,6 +76,13 @@ def upstream() -> Iterator[Upstream]:
     server.kill()
 
 
+@pytest.fixture
+def proxy(upstream: Upstream) -> Iterator[StoreProxy]:
+    running = StoreProxy(upstream.address).start()
+    yield running
+    running.stop()
+
+
 def put(port: int, path: str, body: bytes) -> int:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
@@ -85,52 +92,45 @@ def put(port: int, path: str, body: bytes) -> int:
         conn.close()
 
 
-def test_unarmed_it_forwards_requests_whole(upstream: Upstream) -> None:
-    proxy = StoreProxy(upstream.address).start()
-    try:
-        port = int(proxy.url.rsplit(":", 1)[1])
-        assert put(port, "/b/learners/x/checkpoints/v1/a.safetensors", b"y" * 200_000) == 200
-        (got,) = upstream.received
-        assert got.startswith(b"PUT /b/learners/x/checkpoints/v1/a.safetensors HTTP/1.1\r\n")
-        assert got.endswith(b"\r\n\r\n" + b"y" * 200_000)
-    finally:
-        proxy.stop()
+def test_unarmed_it_forwards_requests_whole(upstream: Upstream, proxy: StoreProxy) -> None:
+    port = int(proxy.url.rsplit(":", 1)[1])
+    assert put(port, "/b/learners/x/checkpoints/v1/a.safetensors", b"y" * 200_000) == 200
+    (got,) = upstream.received
+    assert got.startswith(b"PUT /b/learners/x/checkpoints/v1/a.safetensors HTTP/1.1\r\n")
+    assert got.endswith(b"\r\n\r\n" + b"y" * 200_000)
 
 
-def test_armed_it_cuts_the_first_matching_upload_halfway_and_only_that_one(upstream: Upstream) -> None:
-    proxy = StoreProxy(upstream.address).start()
-    try:
-        port = int(proxy.url.rsplit(":", 1)[1])
-        cut = proxy.arm(rb"^PUT /b/learners/x/checkpoints/v\d+/[^ ?]+\.safetensors[ ?]")
-        assert put(port, "/b/learners/x/checkpoints/v1/manifest.json", b"{}") == 200  # does not match
-        body = bytes(range(256)) * 400  # 102,400 bytes
-        result: list[BaseException | int] = []
+def test_armed_it_cuts_the_first_matching_upload_halfway_and_only_that_one(
+        upstream: Upstream, proxy: StoreProxy) -> None:
+    port = int(proxy.url.rsplit(":", 1)[1])
+    cut = proxy.arm(rb"^PUT /b/learners/x/checkpoints/v\d+/[^ ?]+\.safetensors[ ?]")
+    assert put(port, "/b/learners/x/checkpoints/v1/manifest.json", b"{}") == 200  # does not match
+    body = bytes(range(256)) * 400  # 102,400 bytes
+    result: list[BaseException | int] = []
 
-        def upload() -> None:
-            try:
-                result.append(put(port, "/b/learners/x/checkpoints/v2/a.safetensors", body))
-            except Exception as err:  # the outcome is what the test looks at
-                result.append(err)
-        client = threading.Thread(target=upload)
-        client.start()
-        assert cut.done.wait(5)
-        assert cut.request_line == "PUT /b/learners/x/checkpoints/v2/a.safetensors HTTP/1.1"
-        assert (cut.body_bytes, cut.forwarded) == (len(body), len(body) // 2)
-        # The store has the headers and exactly half the body, and has not answered.
-        def received_body() -> bytes:
-            with upstream.lock:
-                return upstream.received[1].partition(b"\r\n\r\n")[2] if len(upstream.received) > 1 else b""
-        deadline = time.monotonic() + 5
-        while len(received_body()) < len(body) // 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)  # and nothing more comes
-        assert received_body() == body[: len(body) // 2]
-        assert not result
-        upstream.kill()  # the store dies: the cut request fails, and so does a new one
-        client.join(10)
-        assert result and isinstance(result[0], (ConnectionError, http.client.HTTPException, OSError)), result
-        with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
-            put(port, "/b/learners/x/checkpoints/v3/a.safetensors", b"z")
-    finally:
-        proxy.stop()
+    def upload() -> None:
+        try:
+            result.append(put(port, "/b/learners/x/checkpoints/v2/a.safetensors", body))
+        except Exception as err:  # the outcome is what the test looks at
+            result.append(err)
+    client = threading.Thread(target=upload)
+    client.start()
+    assert cut.done.wait(5)
+    assert cut.request_line == "PUT /b/learners/x/checkpoints/v2/a.safetensors HTTP/1.1"
+    assert (cut.body_bytes, cut.forwarded) == (len(body), len(body) // 2)
+    # The store has the headers and exactly half the body, and has not answered.
+    def received_body() -> bytes:
+        with upstream.lock:
+            return upstream.received[1].partition(b"\r\n\r\n")[2] if len(upstream.received) > 1 else b""
+    deadline = time.monotonic() + 5
+    while len(received_body()) < len(body) // 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # and nothing more comes
+    assert received_body() == body[: len(body) // 2]
+    assert not result
+    upstream.kill()  # the store dies: the cut request fails, and so does a new one
+    client.join(10)
+    assert result and isinstance(result[0], (ConnectionError, http.client.HTTPException, OSError)), result
+    with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+        put(port, "/b/learners/x/checkpoints/v3/a.safetensors", b"z")
 

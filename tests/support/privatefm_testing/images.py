@@ -208,8 +208,7 @@ def wanted() -> dict[str, str]:
 def ensure_images(node: Node) -> dict[str, str]:
     """Makes sure the node's containerd holds the pause, operator and merge images, building,
     exporting and importing whichever it lacks; returns their references."""
-    if not shutil.which("buildah") or not shutil.which("mmdebstrap"):
-        raise RuntimeError("building images needs Debian's buildah and mmdebstrap; scripts/setup.sh installs them")
+    need_builders()
     refs = wanted()
     base = refs.pop("base")
     # Older images go first: an old merge image is two more copies on the disk the build needs.
@@ -235,8 +234,7 @@ def prebuild(reserve_gib: float = 0) -> list[str]:
     so what it took is read from the markers ``import_into`` leaves; where they are wrong, the node
     builds what it lacks. An image whose build would leave less than ``reserve_gib`` free (for
     what runs beside it) is left to the node."""
-    if not shutil.which("buildah") or not shutil.which("mmdebstrap"):
-        raise RuntimeError("building images needs Debian's buildah and mmdebstrap; scripts/setup.sh installs them")
+    need_builders()
     refs = wanted()
     base = refs.pop("base")
     drop_stale(base, refs)
@@ -253,6 +251,11 @@ def prebuild(reserve_gib: float = 0) -> list[str]:
             export(ref, keep_in_buildah=name == "pause")
             made.append(ref)
     return made
+
+
+def need_builders() -> None:
+    if not shutil.which("buildah") or not shutil.which("mmdebstrap"):
+        raise RuntimeError("building images needs Debian's buildah and mmdebstrap; scripts/setup.sh installs them")
 
 
 def build(name: str, base: str, ref: str) -> None:
