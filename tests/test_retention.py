@@ -70,6 +70,12 @@ def test_due_every_minute() -> None:
     assert due(retention.parse_cron("* * * * *"), now - timedelta(minutes=3), now, None)
 
 
+def test_each_new_value_of_the_prune_request_asks_once() -> None:
+    assert not retention.requested(None, None) and not retention.requested("", "t1")
+    assert retention.requested("t1", None) and retention.requested("t2", "t1")
+    assert not retention.requested("t1", "t1")  # handled
+
+
 # ---- prune plan ------------------------------------------------------------------------------
 def v(version: int, verified: bool = True) -> StoredVersion:
     return StoredVersion(version, verified, size_bytes=100 * version, objects=3)

@@ -3,7 +3,9 @@
 The session's operator is restarted for this module with the cleanup schedule every minute
 (``PRIVATEFM_CLEANUP_CRON="* * * * *"``) and a zero age threshold for unfinished uploads (MinIO
 cannot backdate an upload's initiation time, so "older than a day" is a setting, 0 here), and put
-back afterwards. Merge pods are real merges through the local pod runner.
+back afterwards. The first pruning comes from the schedule; the later runs are asked for with the
+``prune-requested`` annotation, as a user would to prune at once. Merge pods are real merges
+through the local pod runner.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import json
 import re
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,11 @@ def uploads_of(s3: S3Info, key: str) -> list[str]:
     return [u["UploadId"] for u in s3.client().list_multipart_uploads(Bucket=s3.bucket, Prefix=key).get("Uploads", [])]
 
 
-def last_run(learner: LearnerHandle) -> datetime | None:
-    stamp = (learner.status().get("retention") or {}).get("lastRunAt")
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")) if stamp else None
+def request_prune(learner: LearnerHandle, value: str) -> None:
+    """A retention run now: a new value of the prune-requested annotation, until the status has handled it."""
+    learner.kube.kubectl("annotate", "lns", learner.name, f"privatefm.io/prune-requested={value}", "--overwrite")
+    wait_for(lambda: (learner.status().get("retention") or {}).get("request") == value, 60,
+             f"the retention run asked for by {value!r}")
 
 
 def pruned_events(learner: LearnerHandle) -> list[tuple[int, list[int], int, int, int]]:
@@ -129,8 +132,8 @@ def test_retention_keeps_current_and_newest_verified_and_what_runs_use(
         learner.request_merge("m7")
         assert held.wait(120), "the merge pod never ran"
         assert 7 in stored_versions(s3, learner.ns_uid)
-        after = datetime.now(UTC).replace(second=0, microsecond=0) + timedelta(minutes=1)  # the next fire
-        wait_for(lambda: (last_run(learner) or after - timedelta(1)) >= after, 100, "a retention run while m7 runs")
+        # A run asked for now (the annotation), rather than at the next minute's fire.
+        request_prune(learner, "while-m7-runs")
         assert learner.merge("m7")["status"]["phase"] == "Running"
         # The running merge's target and the current checkpoint survive; the stale upload is aborted.
         assert stored_versions(s3, learner.ns_uid) == {3, 4, 5, 6, 7}
@@ -143,7 +146,8 @@ def test_retention_keeps_current_and_newest_verified_and_what_runs_use(
     assert learner.checkpoint_version() == 7
 
     # v7 is now current: v3 is the fourth-newest verified one besides it, and goes at the next run.
-    wait_for(lambda: stored_versions(s3, learner.ns_uid) == {4, 5, 6, 7}, 90, "v3 to be pruned")
+    request_prune(learner, "after-m7")
+    assert stored_versions(s3, learner.ns_uid) == {4, 5, 6, 7}
     status = learner.status()
     assert status["retention"]["versionsPruned"] == 1
     assert within_manifests(status["retention"]["bytesPruned"], sizes[3], 1)

@@ -419,6 +419,7 @@ class RetentionStatus(Model):
     last_run_at: datetime | None = Field(default=None, description="When retention last ran.")
     versions_pruned: int | None = Field(default=None, description="Checkpoint versions pruned by the last run.")
     bytes_pruned: int | None = Field(default=None, description="Bytes pruned by the last run.")
+    request: str | None = Field(default=None, description="Last prune-requested annotation value handled.")
 
 
 class LearnerNamespaceStatus(Status):

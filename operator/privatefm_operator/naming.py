@@ -25,9 +25,11 @@ GUARDIAN_FINALIZER = f"{GROUP}/guardian"
 APPROVAL_ANNOTATION = f"{GROUP}/deletion-approved-by"
 
 # Set by anyone who may edit the LearnerNamespace, to any new value (e.g. a timestamp): each new
-# value asks once for a fallback (re-clone and adapter replay) or a deep check of the checkpoint.
+# value asks once for a fallback (re-clone and adapter replay), a deep check of the checkpoint, or a
+# retention run now (what it prunes follows spec.retention, as a scheduled run's does).
 FALLBACK_ANNOTATION = f"{GROUP}/fallback-requested"
 VERIFY_ANNOTATION = f"{GROUP}/verify-requested"
+PRUNE_ANNOTATION = f"{GROUP}/prune-requested"
 
 MERGE_SERVICE_ACCOUNT = "privatefm-merge"
 # A run's store credentials: a Secret owned by its Job. A scheduled run's pod template is fixed by

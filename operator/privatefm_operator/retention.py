@@ -121,6 +121,11 @@ def due(cron: str | Cron, last_run: datetime | None, now: datetime, created: dat
     return fire is not None and fire <= now
 
 
+def requested(annotation: str | None, handled: str | None) -> bool:
+    """Whether the prune-requested annotation holds a value no run has handled yet."""
+    return bool(annotation) and annotation != handled
+
+
 # ---- what to prune ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StoredVersion:

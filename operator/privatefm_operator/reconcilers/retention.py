@@ -1,5 +1,6 @@
-"""Checkpoint retention for one learner: when the cleanup schedule has fired since the last run,
-prune what ``retention.prune_plan`` says and abort stale unfinished uploads.
+"""Checkpoint retention for one learner: when the cleanup schedule has fired since the last run, or
+a run is asked for (a new value of the ``prune-requested`` annotation), prune what
+``retention.prune_plan`` says and abort stale unfinished uploads.
 
 What is kept: the current checkpoint, the newest ``spec.retention.keep`` verified versions besides
 it, and every version something still uses: the target and parent of each AdapterMerge that has
@@ -21,7 +22,7 @@ from datetime import datetime
 
 from privatefm_merge.errors import StorageError
 
-from privatefm_operator import metrics, retention
+from privatefm_operator import metrics, naming, retention
 from privatefm_operator.api import (
     AdapterMerge,
     AdapterMergeStatus,
@@ -45,14 +46,20 @@ def _created(lns: LearnerNamespace) -> datetime | None:
     return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")) if stamp else None
 
 
+def _request(lns: LearnerNamespace) -> str | None:
+    return (lns.metadata.get("annotations") or {}).get(naming.PRUNE_ANNOTATION)
+
+
 class Retention:
     def __init__(self, clients: Clients) -> None:
         self.clients = clients
         self.cron = retention.parse_cron(clients.settings.cleanup_cron)  # a bad schedule stops the start-up
 
     def due(self, lns: LearnerNamespace, status: LearnerNamespaceStatus, now: datetime) -> bool:
+        """The schedule fired since the last run, or a run was asked for (the prune-requested annotation)."""
         last = status.retention.last_run_at if status.retention else None
-        return retention.due(self.cron, last, now, _created(lns))
+        return retention.requested(_request(lns), status.retention.request if status.retention else None) \
+            or retention.due(self.cron, last, now, _created(lns))
 
     def run(self, lns: LearnerNamespace, status: LearnerNamespaceStatus, now: datetime) -> LearnerNamespaceStatus:
         """``status`` with ``retention`` updated when a run was due and done; unchanged otherwise (not
@@ -100,7 +107,8 @@ class Retention:
                                     f"pruned {len(plan)} checkpoint versions ({listed}): {objects} objects, "
                                     f"{size} bytes; aborted {aborted} stale unfinished uploads; keep {keep} "
                                     f"besides current v{current}")
-        return RetentionStatus(last_run_at=now, versions_pruned=len(plan), bytes_pruned=size)
+        handled = _request(lns) or (status.retention.request if status.retention else None)
+        return RetentionStatus(last_run_at=now, versions_pruned=len(plan), bytes_pruned=size, request=handled)
 
     def _in_use(self, namespace: str, status: LearnerNamespaceStatus) -> tuple[set[int], set[int]]:
         """(versions an unfinished run writes or reads or a verify Job reads, versions of Succeeded runs)."""
