@@ -127,8 +127,35 @@ def test_forgetting_a_learner_drops_all_it_had() -> None:
     for kind in ("Namespace", "CronJob"):
         children.applied("ada", desired(kind), as_served(desired(kind)))
     children.forget("ada")
-    assert children.namespace(LEARNER.namespace) is None
     assert children.on_event("CronJob", as_served(desired("CronJob")), deleted=True) is None
+    # The namespace itself is known for as long as it exists: its deletion is what the watch reports.
+    assert children.namespace(LEARNER.namespace) is not None
+    assert children.on_event("Namespace", as_served(desired("Namespace")), deleted=True) is None
+    assert children.namespace(LEARNER.namespace) is None
+
+
+def test_every_namespace_is_known_and_a_name_is_free_only_once_all_were_listed() -> None:
+    children = Children()
+    foreign = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-a", "labels": {"team": "a"}},
+               "status": {"phase": "Active"}}
+    assert not children.namespace_absent("team-a") and not children.namespace_absent("free")  # nothing listed yet
+    assert children.on_event("Namespace", foreign, deleted=False) is None  # not the operator's: no learner to repair
+    children.namespaces_listed.set()
+    assert not children.namespace_absent("team-a") and children.namespace_absent("free")
+    assert children.namespace("team-a") == {"metadata": {"name": "team-a", "labels": {"team": "a"}},
+                                            "status": {"phase": "Active"}}
+    assert ("", "team-a") in children.known("Namespace")  # a relist that lacks it reports it deleted
+    children.on_event("Namespace", foreign, deleted=True)
+    assert children.namespace_absent("team-a")
+
+
+def test_a_namespace_applied_as_new_was_made_by_the_apply_only_when_no_other_manager_wrote_it() -> None:
+    made = as_served(desired("Namespace"))
+    assert decisions.made_by(made, "privatefm-operator")
+    taken = copy.deepcopy(made)
+    taken["metadata"]["managedFields"] = [{"manager": "kubectl-create", "operation": "Update"},
+                                          {"manager": "privatefm-operator", "operation": "Apply"}]
+    assert not decisions.made_by(taken, "privatefm-operator")
 
 
 def test_full_resyncs_are_spread_over_a_quarter_of_the_interval() -> None:

@@ -733,6 +733,55 @@ def test_a_namespace_the_operator_did_not_make_is_never_taken(kube: Kube, operat
         kube.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
+@pytest.mark.parametrize("who", ["operator", "admin"])
+def test_a_namespace_created_after_the_watch_showed_its_name_free_is_given_back(
+        kube: Kube, s3: S3Info, operator_kubeconfig: Path, uid: str, who: str) -> None:
+    """The race the Namespaces' watch leaves open: an admin creates the namespace a new learner maps
+    to after the operator last saw that name free, and the operator applies it as new. As the
+    operator's ServiceAccount, the confinement policy refuses the apply; with credentials no policy
+    binds (a cluster installed without the policies), the operator sees another field manager in
+    the answer and takes back what its apply added. Either way the learner gets NamespaceConflict,
+    and the namespace is as the admin left it, with nothing of the operator's in it."""
+    from kubernetes import config as kube_config
+    from privatefm_operator import naming
+    from privatefm_operator.api import LearnerNamespace
+    from privatefm_operator.kube import Kube as OperatorKube
+    from privatefm_operator.reconcilers.base import Clients, Step
+    from privatefm_operator.reconcilers.learner import LearnerReconciler, LearnerScope, learner_of
+    from privatefm_operator.settings import Settings
+    from privatefm_operator.storage import Storage
+
+    learner_id = f"race{who[0]}{uid}"
+    namespace = naming.namespace_name(learner_id, naming.ns_uid(learner_id))
+    kube.kubectl("create", "namespace", namespace)
+    try:
+        kube.kubectl("label", "namespace", namespace, "team=research")
+        before = get(kube, "namespace", namespace)["metadata"]
+        settings = Settings(s3_endpoint=s3.endpoint, s3_bucket=s3.bucket, s3_access_key=s3.operator.access_key,
+                            s3_secret_key=s3.operator.secret_key, merge_image="privatefm/merge:test")
+        config = str(operator_kubeconfig) if who == "operator" else str(kube.kubeconfig)
+        learners = LearnerReconciler(Clients(OperatorKube(kube_config.new_client_from_config(config)),
+                                             Storage(settings), settings))
+        learners.children.namespaces_listed.set()  # the watch listed every namespace before this one came
+        lns = LearnerNamespace.model_validate({
+            "apiVersion": "privatefm.io/v1alpha1", "kind": "LearnerNamespace",
+            "metadata": {"name": f"race-{who}-{uid}", "generation": 1, "resourceVersion": "1", "uid": "u"},
+            "spec": {"learnerId": learner_id, "baseModel": {"name": seed.BASE_MODEL},
+                     "guardians": [{"kind": "User", "name": "guardian"}]}})
+        scope = LearnerScope(lns, learner=learner_of(lns))
+        assert learners.provision(scope) is Step.DONE
+        assert scope.claim_problem is not None and scope.claim_problem.reason == "NamespaceConflict", scope
+        after = get(kube, "namespace", namespace)["metadata"]
+        assert after.get("labels") == before.get("labels")
+        assert {f["manager"] for f in after.get("managedFields") or []} <= {"kubectl-create", "kubectl-label",
+                                                                            "privatefm-operator"}
+        for kind in ("serviceaccounts", "networkpolicies", "resourcequotas", "limitranges", "cronjobs"):
+            items = json.loads(kube.kubectl("get", kind, "-n", namespace, "-o", "json").stdout)["items"]
+            assert [i["metadata"]["name"] for i in items if i["metadata"]["name"] != "default"] == [], kind
+    finally:
+        kube.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
 def test_a_recreated_learner_readopts_its_namespace_and_history(kube: Kube, learner: LearnerHandle) -> None:
     learner.request_merge("before")
     assert learner.wait_merge("before")["status"]["phase"] == "Succeeded"

@@ -132,3 +132,29 @@ def test_stop_ends_the_workers_and_drops_what_waits() -> None:
         assert not thread.is_alive()
     time.sleep(0.4)
     assert work.runs == Counter()
+
+
+def test_the_depth_gauge_counts_keys_ready_and_waiting_for_a_worker() -> None:
+    from prometheus_client import REGISTRY
+
+    def depth() -> float | None:
+        return REGISTRY.get_sample_value("privatefm_workqueue_depth", {"queue": "depth-test"})
+
+    work = Recorder()
+    work.gate.clear()
+    queue = WorkQueue(work, 1, "depth-test").start()
+    try:
+        assert depth() == 0
+        queue.add("running")
+        wait_until(lambda: work.runs["running"] == 1)
+        queue.add("a")
+        queue.add("b")
+        queue.add("a")
+        queue.add("later", delay=60)
+        assert depth() == 2  # a and b wait for the one worker; the running key and the later one do not count
+        work.gate.set()
+        wait_until(lambda: work.runs["b"] == 1)
+        wait_until(lambda: depth() == 0)
+    finally:
+        work.gate.set()
+        queue.stop()

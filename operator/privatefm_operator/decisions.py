@@ -143,6 +143,14 @@ def namespace_claim(labels: dict[str, str] | None, lns_name: str, owner_alive: b
     return Claim.IN_USE if owner_alive else Claim.ADOPT
 
 
+def made_by(namespace: dict[str, Any], manager: str) -> bool:
+    """Whether every field manager of a namespace the operator has just applied, believing it new, is
+    ``manager``: the apply created it. Another manager's entry means the namespace existed (someone
+    created it after the operator last saw that the name was free), and the apply took it over."""
+    managers = {entry.get("manager") for entry in namespace["metadata"].get("managedFields") or []}
+    return managers <= {manager}
+
+
 def claim_failure(claim: Claim, namespace: str, owner: str | None) -> Failure | None:
     if claim == Claim.IN_USE:
         return Failure("LearnerIdInUse", f"namespace {namespace} belongs to LearnerNamespace {owner}, which has the "

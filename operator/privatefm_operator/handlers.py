@@ -136,12 +136,17 @@ def _watch(memo: kopf.Memo) -> None:
     memo.controller = LearnerController(built.learners, built.deletions, SHARD.owns_learner, SETTINGS.workers,
                                         memo.resyncs).start()
     kinds = [*WATCHED, *(["LocalQueue"] if SETTINGS.kueue_cluster_queue else [])]  # LocalQueues only with Kueue
+    children = built.learners.children
+    on_child = functools.partial(_child_event, built.learners, memo.controller)
+    # Every Namespace, not only the operator's: a new learner's name is known free or taken without a GET.
+    namespaces = informers.Informers(built.kube, ["Namespace"], "", on_child, children.known)
+    children.namespaces_listed = namespaces.informers[0].synced
     memo.informers = [
         informers.Informers(built.kube, ["LearnerNamespace"], "", memo.controller.on_event,
                             memo.controller.known).start(),
-        informers.Informers(built.kube, kinds, f"{naming.LABEL_MANAGED_BY}={naming.MANAGED_BY}",
-                            functools.partial(_child_event, built.learners, memo.controller),
-                            built.learners.children.known).start()]
+        namespaces.start(),
+        informers.Informers(built.kube, kinds, f"{naming.LABEL_MANAGED_BY}={naming.MANAGED_BY}", on_child,
+                            children.known).start()]
 
 
 @kopf.on.resume(*AM, when=_in_our_shard)

@@ -5,10 +5,10 @@ learner, each of whose events needs one comparison (``reconcilers.children``) an
 watch here keeps no state of its own apart from a resourceVersion, so the operator's memory for a
 learner's children is what ``Children`` records.
 
-Each ``Informer`` lists its kind (by the managed-by label, in pages), then watches from the list's
-resourceVersion, with bookmarks, in windows the API server ends after a few minutes; a window that
-ends is followed by the next from the last version seen. A ``410 Gone`` (the version was
-compacted) relists, and whatever the operator remembers of that kind but the new list lacks is
+Each ``Informer`` lists its kind (by the managed-by label; Namespaces all of them; in pages), then
+watches from the list's resourceVersion, with bookmarks, in windows the API server ends after a few
+minutes; a window that ends is followed by the next from the last version seen. A ``410 Gone`` (the
+version was compacted) relists, and whatever the operator remembers of that kind but the new list lacks is
 reported deleted: a child deleted while nobody watched is still repaired. Any other error (the API
 server restarting, a dropped connection) is retried with a capped backoff. ``stop()`` ends every
 thread after its current event or window.

@@ -45,6 +45,8 @@ DRIFT_REPAIRS = Counter("privatefm_drift_repairs_total", "Learner passes started
                         "drifted from its spec or was deleted")
 ACCEPT_BYTES_READ = Counter("privatefm_accept_bytes_read_total", "Checkpoint bytes the operator read to accept "
                             "merges (0 where the store kept SHA-256 checksums at upload)")
+WORKQUEUE_DEPTH = Gauge("privatefm_workqueue_depth", "Keys ready for a worker of the named queue and waiting for "
+                        "one (learner passes; a key waiting for a later time is not counted)", ["queue"])
 MERGE_QUEUE = Gauge("privatefm_merge_queue_waiting", "Merge runs waiting for a slot under mergeConcurrency")
 SHARD_HELD = Gauge("privatefm_shard_held", "1 while this process holds its shard's Lease and acts on its learners; "
                    "0 while it stands by", ["shard"])

@@ -19,6 +19,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from privatefm_operator import metrics
+
 log = logging.getLogger("privatefm.workqueue")
 
 Work = Callable[[str], float | None]
@@ -37,6 +39,7 @@ class WorkQueue:
         self.due: dict[str, float] = {}
         self.stopped = False
         self.threads = [threading.Thread(target=self.worker, name=f"{name}-{i}", daemon=True) for i in range(threads)]
+        metrics.WORKQUEUE_DEPTH.labels(name).set_function(lambda: len(self.ready))
 
     def start(self) -> WorkQueue:
         for thread in self.threads:

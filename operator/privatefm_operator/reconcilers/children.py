@@ -13,6 +13,11 @@ copy it saw is what it asked for.
   for, or deletes it, reconciles its learner at once (``on_event`` names it). The learner is the one
   the operator recorded when it applied the child, never what the child's labels say: its tenant
   might edit those.
+- **Every namespace, not only the learners'.** Namespaces are watched without the label selector,
+  so that a new learner's pass knows, without a GET, whether the name its learnerId maps to is free
+  or taken by a namespace the operator did not make (``namespace``, once ``namespaces_listed``).
+  The claim's race with a namespace created after that view is closed by ``created_by_us`` below
+  and by the confinement admission policy.
 - **Small.** Per child it keeps the request, compressed, and one verdict; per namespace its labels
   and phase. A child not seen yet is applied, as every pass did before (after a restart, each
   learner's first pass applies its children once); the full resync ignores what is remembered.
@@ -28,8 +33,9 @@ from typing import Any
 from privatefm_operator import decisions, naming
 
 Key = tuple[str, str, str]  # kind, namespace ("" for cluster-scoped), name
-# The kinds watched (``informers``; their API paths are ``kube.RESOURCES``), and LocalQueues with Kueue.
-WATCHED = ("Namespace", "ServiceAccount", "NetworkPolicy", "ResourceQuota", "LimitRange", "CronJob")
+# The kinds watched by the managed-by label (``informers``; their API paths are ``kube.RESOURCES``),
+# and LocalQueues with Kueue. Namespaces are watched too, all of them.
+WATCHED = ("ServiceAccount", "NetworkPolicy", "ResourceQuota", "LimitRange", "CronJob")
 
 
 def key_of(kind: str, meta: dict[str, Any]) -> Key:
@@ -50,7 +56,8 @@ class Children:
         self._asked: dict[Key, tuple[str, str, bytes]] = {}  # learner, the request's digest, the request (packed)
         self._satisfied: dict[Key, bool] = {}           # the last copy seen is what was asked
         self._by_learner: dict[str, set[Key]] = {}       # learner: the keys of its children
-        self._namespaces: dict[str, dict[str, Any]] = {}  # name: {"labels", "phase"} as last seen
+        self._namespaces: dict[str, dict[str, Any]] = {}  # every namespace: {"labels", "phase"} as last seen
+        self.namespaces_listed = threading.Event()  # set by the Namespaces' watch once it has listed them all
 
     # ---- provisioning ------------------------------------------------------------------------
     def needs_apply(self, desired: dict[str, Any]) -> str | None:
@@ -82,9 +89,13 @@ class Children:
             return bool(keys) and all(self._satisfied.get(key) for key in keys)
 
     def namespace(self, name: str) -> dict[str, Any] | None:
-        """A learner namespace as last seen: ``{"metadata": {"labels"}, "status": {"phase"}}``."""
+        """A namespace as last seen: ``{"metadata": {"labels"}, "status": {"phase"}}``, or None."""
         with self._lock:
             return self._namespaces.get(name)
+
+    def namespace_absent(self, name: str) -> bool:
+        """The Namespaces' watch has listed them all and has not seen ``name``."""
+        return self.namespaces_listed.is_set() and self.namespace(name) is None
 
     # ---- watch events ------------------------------------------------------------------------
     def on_event(self, kind: str, body: dict[str, Any], deleted: bool) -> str | None:
@@ -105,8 +116,10 @@ class Children:
         return None if ok else learner
 
     def known(self, kind: str) -> list[tuple[str, str]]:
-        """(namespace, name) of every child of ``kind`` this process has applied."""
+        """(namespace, name) of every child of ``kind`` this process has applied; every namespace seen."""
         with self._lock:
+            if kind == "Namespace":
+                return [("", name) for name in self._namespaces]
             return [(ns, name) for k, ns, name in self._asked if k == kind]
 
     def forget(self, learner: str) -> None:
@@ -115,8 +128,6 @@ class Children:
             for key in self._by_learner.pop(learner, set()):
                 self._asked.pop(key, None)
                 self._satisfied.pop(key, None)
-                if key[0] == "Namespace":
-                    self._namespaces.pop(key[2], None)
 
     def _see_namespace(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]

@@ -45,7 +45,7 @@ from privatefm_operator.api import (
     RecoveryStatus,
 )
 from privatefm_operator.builders import Learner
-from privatefm_operator.kube import api_message
+from privatefm_operator.kube import FIELD_MANAGER, api_message
 from privatefm_operator.reconcilers.base import (
     Clients,
     Invalid,
@@ -256,7 +256,7 @@ class LearnerReconciler:
         if not scope.full and self._provisioned.get(learner.name) == generation and self.children.settled(learner.name):
             return Step.CONTINUE
         existing = None if scope.full else self.children.namespace(learner.namespace)
-        if existing is None:
+        if existing is None and (scope.full or not self.children.namespace_absent(learner.namespace)):
             existing = kube.get("Namespace", learner.namespace)
         if existing and existing.get("status", {}).get("phase") == "Terminating":
             raise RetryLater(f"namespace {learner.namespace} is terminating", delay=10)
@@ -274,18 +274,43 @@ class LearnerReconciler:
             if reason is None:
                 continue
             try:
-                self.children.applied(learner.name, child, kube.apply(child))
-                metrics.CHILD_APPLIES.labels(child["kind"], reason).inc()
+                result = kube.apply(child)
             except ApiException as err:
+                if child["kind"] == "Namespace" and claim == decisions.Claim.CREATE and err.status == 403:
+                    return self._taken(scope, learner, err)  # the confinement policy, if it exists and is not ours
                 if err.status not in (400, 422):  # the API server refused what the spec asks for
                     raise
                 return self._invalid(scope, f"{child['kind']} {child['metadata']['name']}: {api_message(err)}")
+            if child["kind"] == "Namespace" and claim == decisions.Claim.CREATE and not decisions.made_by(
+                    result, FIELD_MANAGER):
+                kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": learner.namespace}})
+                return self._taken(scope, learner)  # created by someone else since the name was seen free
+            self.children.applied(learner.name, child, result)
+            metrics.CHILD_APPLIES.labels(child["kind"], reason).inc()
         if existing is None:
             scope.created = True
             scope.announcements.append(lambda: self._announce_created(scope))
         if isinstance(generation, int):
             self._provisioned[learner.name] = generation
         return Step.CONTINUE
+
+    def _taken(self, scope: LearnerScope, learner: Learner, refused: ApiException | None = None) -> Step:
+        """The namespace the learner's identity maps to turned out to exist when the operator, from
+        what its watch had shown, applied it as new: someone created it in between. Nothing of it is
+        kept (what the apply added was taken back, or the confinement policy refused it); the claim
+        is made again from a fresh read. A refusal (``refused``) of a namespace that still does not
+        exist is not this race: it is raised as it came."""
+        existing = self.clients.kube.get("Namespace", learner.namespace)
+        if existing is not None:
+            log.warning("namespace %s appeared before the operator created it; claiming it again from a read",
+                        learner.namespace, extra={"fields": {"learner": learner.name}})
+        claim, owner = claim_namespace(self.clients, learner, existing)
+        scope.claim_problem = decisions.claim_failure(claim, learner.namespace, owner)
+        if scope.claim_problem is not None:
+            return Step.DONE
+        if refused is not None and claim == decisions.Claim.CREATE:
+            raise refused
+        raise RetryLater(f"namespace {learner.namespace} changed while it was being claimed", delay=1)
 
     def recover_history(self, scope: LearnerScope) -> Step:
         """A status that has never seen a version: is there a history in the store to take up?"""
