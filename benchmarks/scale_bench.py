@@ -127,7 +127,7 @@ class Bench:
             for event in stream:
                 body = event["object"]
                 version = body["metadata"]["resourceVersion"]
-                name = body["metadata"]["name"]
+                name = body["metadata"].get("name", "")  # a BOOKMARK has none
                 if event["type"] != "BOOKMARK" and name.startswith(prefix + "-") and is_ready(body):
                     ready.add(name)
                 if len(ready) >= n:
