@@ -49,6 +49,16 @@ THREADS = 8
 REQUESTS = re.compile(r'^apiserver_request_total\{([^}]*)\} ([0-9.eE+-]+)$', re.M)
 
 
+def api_client(kubeconfig: str, pool: int) -> Any:
+    """A client with ``pool`` connections (the pool is sized when the client is made, not after)."""
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    config.load_kube_config(kubeconfig, client_configuration=configuration)
+    configuration.connection_pool_maxsize = pool
+    return client.ApiClient(configuration)
+
+
 def is_ready(body: dict[str, Any]) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True"
                for c in (body.get("status") or {}).get("conditions", []))
@@ -78,14 +88,13 @@ class Bench:
 
     # ---- set-up ----------------------------------------------------------------------------------
     def start(self) -> None:
-        from kubernetes import client, config
+        from kubernetes import client
         from privatefm_testing import seed
         from privatefm_testing.demo import Kubectl, start_operator_process
 
         self.state = self.cluster.start()
         self.kubectl = Kubectl(self.state.kubeconfig)
-        self.api = config.new_client_from_config(self.state.kubeconfig)
-        self.api.configuration.connection_pool_maxsize = THREADS * 2
+        self.api = api_client(self.state.kubeconfig, max(THREADS, self.args.floor_threads) * 2)
         self.custom, self.core = client.CustomObjectsApi(self.api), client.CoreV1Api(self.api)
         self.net, self.batch = client.NetworkingV1Api(self.api), client.BatchV1Api(self.api)
         seed.publish_base(self.state.s3.publisher.client(retries=3), self.state.s3.bucket, version=1)
@@ -148,8 +157,8 @@ class Bench:
         status = Path(f"/proc/{self.operator.proc.pid}/status").read_text()
         return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
 
-    def parallel(self, fn: Any, items: list[Any]) -> None:
-        with ThreadPoolExecutor(THREADS) as pool:
+    def parallel(self, fn: Any, items: list[Any], threads: int = THREADS) -> None:
+        with ThreadPoolExecutor(threads) as pool:
             list(pool.map(fn, items))
 
     # ---- 1. the floors ---------------------------------------------------------------------------
@@ -158,7 +167,6 @@ class Bench:
         LearnerNamespace, its Namespace and five children, one status patch. ``all``: every write the
         operator makes for a new learner, in its order: also the guardian finalizer, the first
         (Reconciling) status and the NamespaceCreated Event."""
-        from kubernetes import config
         from privatefm_merge.clock import utc_now
         from privatefm_operator import builders, decisions, naming
         from privatefm_operator.api import LearnerNamespace, LearnerNamespaceStatus
@@ -167,8 +175,8 @@ class Bench:
 
         # The children and the status are written as the operator's ServiceAccount (its RBAC and the
         # admission policies apply, as to the operator); the LearnerNamespaces by the admin, as users do.
-        operator_api = config.new_client_from_config(str(self.dir / "operator.kubeconfig"))
-        operator_api.configuration.connection_pool_maxsize = THREADS * 2
+        threads = self.args.floor_threads
+        operator_api = api_client(str(self.dir / "operator.kubeconfig"), threads * 2)
         kube, settings, n, prefix = Kube(operator_api), Settings(), self.args.learners, f"floor{writes}"
 
         def one(i: int) -> None:
@@ -193,10 +201,11 @@ class Bench:
                 kube.event(lns.ref(), "Normal", "NamespaceCreated", f"created namespace {learner.namespace}")
 
         started = time.monotonic()
-        self.parallel(one, list(range(n)))
+        self.parallel(one, list(range(n)), threads)
         key = "floor_seconds" if writes == "objects" else "floor_all_writes_seconds"
+        self.results["floor_threads"] = threads
         self.results[key] = round(time.monotonic() - started, 1)
-        print(f"floor ({writes}): {n} learners' writes in {self.results[key]} s", flush=True)
+        print(f"floor ({writes}, {threads} threads): {n} learners' writes in {self.results[key]} s", flush=True)
         self.kubectl("delete", "lns", "--all", "--wait=false")
         if writes == "all":  # the guardian finalizer: only the operator's ServiceAccount takes it off unapproved
             self.parallel(lambda i: kube.patch("LearnerNamespace", f"{prefix}-{i}", {"metadata": {
@@ -476,6 +485,8 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=300.0,
                         help="seconds of idle measurement (0: skip; implies --no-docs)")
     parser.add_argument("--drifts", type=int, default=20)
+    parser.add_argument("--floor-threads", type=int, default=THREADS,
+                        help="the floors' client threads (8, as the issue defines the floor)")
     parser.add_argument("--storm", type=int, default=200, help="learners merging at once (0: skip)")
     parser.add_argument("--limit", type=int, default=8, help="PRIVATEFM_MERGE_CONCURRENCY during the storm")
     parser.add_argument("--dir", default=str(REPO / ".run" / "scale-bench"))
