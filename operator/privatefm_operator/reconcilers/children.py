@@ -16,8 +16,8 @@ copy it saw is what it asked for.
 - **Every namespace, not only the learners'.** Namespaces are watched without the label selector,
   so that a new learner's pass knows, without a GET, whether the name its learnerId maps to is free
   or taken by a namespace the operator did not make (``namespace``, once ``namespaces_listed``).
-  The claim's race with a namespace created after that view is closed by ``created_by_us`` below
-  and by the confinement admission policy.
+  The claim's race with a namespace created after that view is closed by ``decisions.made_by``
+  (in ``learner.provision``) and by the confinement admission policy.
 - **Small.** Per child it keeps the request, compressed, and one verdict; per namespace its labels
   and phase. A child not seen yet is applied, as every pass did before (after a restart, each
   learner's first pass applies its children once); the full resync ignores what is remembered.
